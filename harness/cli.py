@@ -1,0 +1,214 @@
+"""The ``harness`` command line. Start-up stays fast: verbs import their heavy parts lazily.
+
+    harness show examples/tiny-cpu.yaml                 # resolved spec and derived batch numbers
+    harness config examples/tiny-cpu.yaml -o ds.json    # the DeepSpeed config
+    harness plan examples/llama-70b-slurm.yaml          # which layout fits and runs fastest
+    harness train examples/tiny-cpu.yaml                # train through the deepspeed launcher
+    harness export runs/tiny-cpu -o hf/                 # HF checkpoint from a run or checkpoint
+    harness generate hf/ --prompt "def "                # sample from an exported model
+    harness slurm examples/llama-70b-slurm.yaml --submit
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from harness.errors import EXIT_USER_ERROR, SpecError
+
+
+def _add_spec_args(p: argparse.ArgumentParser, world: bool = True) -> None:
+    p.add_argument("spec", metavar="SPEC", help="run spec YAML file")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="extend",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override spec fields, e.g. --set train.steps=10 optimizer.lr=1e-4 (repeatable; values are YAML)",
+    )
+    if world:
+        p.add_argument(
+            "--world-size",
+            type=int,
+            default=None,
+            metavar="N",
+            help="ranks to compile for (default: launch.nodes × launch.gpus_per_node)",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for every verb (kept import-light)."""
+    parser = argparse.ArgumentParser(
+        prog="harness",
+        description="DeepSpeed training for Hugging Face models from one YAML run spec.",
+    )
+    from harness import __version__
+
+    parser.add_argument("--version", action="version", version=f"harness {__version__}")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+
+    p = sub.add_parser("show", help="print the resolved spec and the derived batch numbers")
+    _add_spec_args(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("config", help="print or write the DeepSpeed config JSON")
+    _add_spec_args(p)
+    p.add_argument("-o", "--output", metavar="FILE", help="write the JSON here instead of stdout")
+    p.add_argument(
+        "--validate",
+        action="store_true",
+        help="also run DeepSpeed's own DeepSpeedConfig over the result (imports deepspeed; done anyway "
+        "when the spec has raw deepspeed: keys)",
+    )
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("plan", help="predict memory and speed of layouts and pick the fastest that fits")
+    _add_spec_args(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--top", type=int, default=5, help="candidates to show")
+    p.set_defaults(func=_lazy("harness.planner.cli", "cmd_plan"))
+
+    p = sub.add_parser("train", help="train through the deepspeed launcher (or a hostfile / Slurm)")
+    _add_spec_args(p, world=False)
+    p.add_argument("--dry-run", action="store_true", help="print the launcher command and files; start nothing")
+    p.set_defaults(func=_lazy("harness.launch.cli", "cmd_train"))
+
+    p = sub.add_parser("slurm", help="render an sbatch script into the run directory (and submit it)")
+    _add_spec_args(p, world=False)
+    p.add_argument("--submit", action="store_true", help="submit with sbatch after rendering")
+    p.set_defaults(func=_lazy("harness.launch.cli", "cmd_slurm"))
+
+    p = sub.add_parser("export", help="export a run or checkpoint to a Hugging Face checkpoint")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.set_defaults(func=_lazy("harness.train.export", "cmd_export"))
+
+    p = sub.add_parser("generate", help="sample text from an exported HF checkpoint")
+    p.add_argument("model_dir", metavar="DIR")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_lazy("harness.train.generate", "cmd_generate"))
+
+    p = sub.add_parser("presets", help="list the model presets")
+    p.set_defaults(func=cmd_presets)
+    return parser
+
+
+def _lazy(module: str, name: str):
+    def run(args: argparse.Namespace) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
+
+
+def load_from_args(args: argparse.Namespace):
+    """Load the spec named on the command line with its ``--set`` overrides."""
+    from harness.specload import load_spec
+
+    return load_spec(args.spec, args.overrides)
+
+
+def world_from_args(args: argparse.Namespace, spec) -> int:
+    """``--world-size`` if given, else the spec's launch section."""
+    world = getattr(args, "world_size", None)
+    if world is not None and world < 1:
+        raise SpecError("--world-size", world, "use a positive number of ranks")
+    return world or spec.world_size
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    """Print the resolved spec and the numbers a user checks first."""
+    from harness.dsconfig import resolve_layout
+    from harness.specload import dump_spec
+
+    spec = load_from_args(args)
+    world = world_from_args(args, spec)
+    spec, plan = resolve_layout(spec, world)
+    print(dump_spec(spec), end="")
+    print("# derived")
+    for key, value in derived_numbers(spec, world, plan).items():
+        print(f"{key}: {value}")
+    return 0
+
+
+def derived_numbers(spec, world: int, plan) -> dict[str, Any]:
+    """The batch arithmetic, printed once (like nanoGPT's tokens_per_iter)."""
+    return {
+        "world_size": world,
+        "data_parallel_size": plan.data_parallel_size,
+        "pipeline_stages": spec.parallel.pipeline_stages,
+        "tensor_parallel": spec.parallel.tensor_parallel,
+        "micro_batch_size": plan.micro_batch_size,
+        "grad_accum": plan.grad_accum,
+        "global_batch_samples": plan.global_batch_size,
+        "global_batch_tokens": plan.tokens_per_step,
+        "tokens_per_step": plan.tokens_per_step,
+        "total_tokens": plan.tokens_per_step * spec.train.steps,
+    }
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    """Print or write the DeepSpeed config."""
+    from harness.dsconfig import compile_config
+    from harness.validate import data_parallel_size
+
+    spec = load_from_args(args)
+    world = world_from_args(args, spec)
+    cfg = compile_config(spec, world)
+    from harness.dscheck import validate_config
+
+    deep = args.validate or bool(spec.deepspeed)
+    validate_config(cfg, data_parallel_size(spec, world), deep=deep)
+    text = json.dumps(cfg, indent=2) + "\n"
+    if args.output:
+        write_atomic(Path(args.output), text)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    """List preset names with their shapes."""
+    from harness.presets import PRESETS, shape_of
+
+    for name, cfg in PRESETS.items():
+        s = shape_of(cfg)
+        print(f"{name:14s} {cfg['model_type']:8s} layers={s['layers']:<3d} hidden={s['hidden']:<5d} "
+              f"heads={s['heads']}/{s['kv_heads']} vocab={s['vocab']}")
+    return 0
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write a file so a reader never sees it half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``harness`` console command."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except SpecError as exc:
+        print(f"harness: error: {exc.message}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Cross-field rules for a run spec and a world size. Every problem names the field and the fix.
+
+These run before anything launches; they are pure (no torch, no deepspeed).
+"""
+
+from __future__ import annotations
+
+from harness.errors import SpecError, SpecErrors
+from harness.presets import PRESETS, model_config_dict, preset_config, shape_of
+from harness.spec import AUTO, RunSpec
+
+
+def data_parallel_size(spec: RunSpec, world_size: int) -> int:
+    """world / (pipeline_stages × tensor_parallel), after checking that it divides."""
+    model_parallel = spec.parallel.pipeline_stages * spec.parallel.tensor_parallel
+    if model_parallel < 1 or world_size % model_parallel:
+        raise SpecError(
+            "parallel",
+            f"world_size={world_size}, pipeline_stages={spec.parallel.pipeline_stages}, "
+            f"tensor_parallel={spec.parallel.tensor_parallel}",
+            f"make the world size (launch.nodes × launch.gpus_per_node) a multiple of pipeline_stages × "
+            f"tensor_parallel = {model_parallel}, or change those degrees",
+            reason="the world does not factor into data × pipeline × tensor parallel",
+        )
+    return world_size // model_parallel
+
+
+def check_spec(spec: RunSpec, world_size: int) -> None:
+    """Raise SpecErrors listing every rule the spec breaks for this world size."""
+    errors: list[SpecError] = []
+    for rule in (_ranges, _model, _layout, _zero_offload, _precision, _schedule):
+        try:
+            errors.extend(rule(spec, world_size))
+        except SpecError as exc:
+            errors.append(exc)
+    if errors:
+        raise SpecErrors(errors)
+
+
+def _positive(errors: list[SpecError], field: str, value: int | float, minimum: float = 1) -> None:
+    if value < minimum:
+        errors.append(SpecError(field, value, f"use a value >= {minimum}"))
+
+
+def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
+    e: list[SpecError] = []
+    if world_size < 1:
+        e.append(SpecError("world_size", world_size, "use at least one rank (launch.nodes × launch.gpus_per_node)"))
+    _positive(e, "launch.nodes", spec.launch.nodes)
+    _positive(e, "launch.gpus_per_node", spec.launch.gpus_per_node)
+    _positive(e, "data.seq_len", spec.data.seq_len, 8)
+    _positive(e, "train.steps", spec.train.steps)
+    _positive(e, "train.log_every", spec.train.log_every)
+    _positive(e, "train.eval_batches", spec.train.eval_batches)
+    _positive(e, "train.eval_every", spec.train.eval_every, 0)
+    _positive(e, "train.save_every", spec.train.save_every, 0)
+    _positive(e, "checkpoint.keep_last", spec.checkpoint.keep_last)
+    _positive(e, "parallel.pipeline_stages", spec.parallel.pipeline_stages)
+    _positive(e, "parallel.tensor_parallel", spec.parallel.tensor_parallel)
+    _positive(e, "parallel.activation_checkpoint_interval", spec.parallel.activation_checkpoint_interval, 0)
+    if not 1 <= spec.launch.master_port <= 65535:
+        e.append(SpecError("launch.master_port", spec.launch.master_port, "use a TCP port between 1 and 65535"))
+    if not 0.0 <= spec.data.val_fraction < 0.5:
+        e.append(SpecError("data.val_fraction", spec.data.val_fraction, "use a fraction in [0, 0.5), e.g. 0.01"))
+    opt = spec.optimizer
+    if opt.lr <= 0:
+        e.append(SpecError("optimizer.lr", opt.lr, "use a positive learning rate, e.g. 3e-4"))
+    if len(opt.betas) != 2 or not all(0.0 <= b < 1.0 for b in opt.betas):
+        e.append(SpecError("optimizer.betas", opt.betas, "use two numbers in [0, 1), e.g. [0.9, 0.95]"))
+    if opt.eps <= 0:
+        e.append(SpecError("optimizer.eps", opt.eps, "use a small positive number, e.g. 1e-8"))
+    if opt.weight_decay < 0:
+        e.append(SpecError("optimizer.weight_decay", opt.weight_decay, "use 0 or a positive number"))
+    if opt.grad_clip < 0:
+        e.append(SpecError("optimizer.grad_clip", opt.grad_clip, "use 0 (off) or a positive norm, e.g. 1.0"))
+    zs = spec.parallel.zero_stage
+    if zs != AUTO and zs not in (0, 1, 2, 3):
+        e.append(SpecError("parallel.zero_stage", zs, "use 0, 1, 2, 3 or auto"))
+    part = spec.parallel.partition_method
+    if part not in ("parameters", "uniform") and not part.startswith("type:"):
+        e.append(
+            SpecError("parallel.partition_method", part, "use parameters, uniform or type:<regex> (e.g. type:DecoderLayer)")
+        )
+    return e
+
+
+def _model(spec: RunSpec, world_size: int) -> list[SpecError]:
+    m = spec.model
+    if bool(m.preset) == bool(m.name_or_path):
+        return [
+            SpecError(
+                "model",
+                f"preset={m.preset!r}, name_or_path={m.name_or_path!r}",
+                "set exactly one of model.preset (e.g. llama-tiny) or model.name_or_path (a checkpoint directory)",
+            )
+        ]
+    if m.preset:
+        preset_config(m.preset)  # raises with a did-you-mean
+    cfg = model_config_dict(m.preset, m.name_or_path, m.overrides)
+    if cfg is None:
+        return []
+    try:
+        shape = shape_of(cfg)
+    except KeyError as exc:
+        return [SpecError("model.overrides", m.overrides, f"keep the config key {exc} (the model needs it)")]
+    e: list[SpecError] = []
+    stages, tp = spec.parallel.pipeline_stages, spec.parallel.tensor_parallel
+    if stages > shape["layers"]:
+        e.append(
+            SpecError(
+                "parallel.pipeline_stages",
+                stages,
+                f"use at most {shape['layers']} stages (the model has {shape['layers']} decoder layers)",
+                reason="more pipeline stages than layers",
+            )
+        )
+    if tp > 1:
+        for key in ("heads", "kv_heads"):
+            if shape[key] % tp:
+                e.append(
+                    SpecError(
+                        "parallel.tensor_parallel",
+                        tp,
+                        f"use a degree that divides the model's {shape[key]} "
+                        f"{'attention' if key == 'heads' else 'key-value'} heads",
+                        reason=f"{shape[key]} {key.replace('_', '-')} are not divisible by {tp}",
+                    )
+                )
+    return e
+
+
+def _layout(spec: RunSpec, world_size: int) -> list[SpecError]:
+    e: list[SpecError] = []
+    p = spec.parallel
+    if p.pipeline_stages > 1 and p.zero_stage in (2, 3):
+        e.append(
+            SpecError(
+                "parallel.zero_stage",
+                p.zero_stage,
+                "use zero_stage 0 or 1 with pipeline_stages > 1, or pipeline_stages: 1 to keep ZeRO 2/3",
+                reason="DeepSpeed's pipeline engine does not support ZeRO 2 or 3 (gradients are partitioned per stage)",
+            )
+        )
+    if p.tensor_parallel > 1 and p.zero_stage == 3:
+        e.append(
+            SpecError(
+                "parallel.zero_stage",
+                3,
+                "use zero_stage 0, 1 or 2 with tensor_parallel > 1, or tensor_parallel: 1 to keep ZeRO 3",
+                reason="AutoTP training supports ZeRO stages up to 2",
+            )
+        )
+    if p.tensor_parallel > 1 and p.pipeline_stages > 1:
+        e.append(
+            SpecError(
+                "parallel",
+                f"pipeline_stages={p.pipeline_stages}, tensor_parallel={p.tensor_parallel}",
+                "use pipeline stages or tensor parallelism, not both in one run",
+                reason="AutoTP inside DeepSpeed pipeline stages is not supported",
+            )
+        )
+    if world_size >= 1:
+        data_parallel_size(spec, world_size)
+    if p.activation_checkpoint_interval and p.pipeline_stages == 1:
+        e.append(
+            SpecError(
+                "parallel.activation_checkpoint_interval",
+                p.activation_checkpoint_interval,
+                "use model.gradient_checkpointing: true without pipeline stages (this knob is for pipeline_stages > 1)",
+            )
+        )
+    return e
+
+
+def _zero_offload(spec: RunSpec, world_size: int) -> list[SpecError]:
+    e: list[SpecError] = []
+    p = spec.parallel
+    if p.zero_stage == AUTO:
+        return e
+    if p.offload_optimizer != "none" and p.zero_stage == 0:
+        e.append(
+            SpecError(
+                "parallel.offload_optimizer",
+                p.offload_optimizer,
+                "set parallel.zero_stage to 1, 2 or 3 (offload works on ZeRO-partitioned states), or offload_optimizer: none",
+                reason="offload needs ZeRO",
+            )
+        )
+    if p.offload_params != "none" and p.zero_stage != 3:
+        e.append(
+            SpecError(
+                "parallel.offload_params",
+                p.offload_params,
+                "set parallel.zero_stage: 3 (only ZeRO 3 partitions parameters), or offload_params: none",
+                reason="parameter offload needs ZeRO 3",
+            )
+        )
+    if p.offload_optimizer == "nvme" and p.zero_stage != 3:
+        e.append(
+            SpecError(
+                "parallel.offload_optimizer",
+                "nvme",
+                "set parallel.zero_stage: 3 for NVMe optimizer offload (ZeRO-Infinity), or use offload_optimizer: cpu",
+                reason="NVMe optimizer offload needs ZeRO 3",
+            )
+        )
+    if "nvme" in (p.offload_optimizer, p.offload_params) and not p.nvme_path:
+        e.append(
+            SpecError(
+                "parallel.nvme_path",
+                None,
+                "set parallel.nvme_path to a directory on a fast local NVMe drive",
+                reason="NVMe offload needs a path",
+            )
+        )
+    if p.offload_optimizer != "none" and spec.optimizer.impl == "torch":
+        e.append(
+            SpecError(
+                "optimizer.impl",
+                "torch",
+                "use optimizer.impl: deepspeed with offload (DeepSpeed's CPU Adam runs the offloaded step)",
+                reason="a torch optimizer cannot run on offloaded states",
+            )
+        )
+    return e
+
+
+def _precision(spec: RunSpec, world_size: int) -> list[SpecError]:
+    e: list[SpecError] = []
+    raw = spec.deepspeed
+    dtype = spec.precision.dtype
+    for other in ("fp16", "bf16"):
+        section = raw.get(other)
+        if isinstance(section, dict) and section.get("enabled") and other != dtype:
+            e.append(
+                SpecError(
+                    f"deepspeed.{other}.enabled",
+                    True,
+                    f"remove it and set precision: {other} instead (precision is {dtype}; fp16 and bf16 are exclusive)",
+                    reason="conflicting precision",
+                )
+            )
+    pr = spec.precision
+    if dtype == "fp16":
+        if not 0 <= pr.initial_scale_power <= 32:
+            e.append(SpecError("precision.initial_scale_power", pr.initial_scale_power, "use 0-32 (16 is typical)"))
+        _positive(e, "precision.loss_scale_window", pr.loss_scale_window)
+        _positive(e, "precision.hysteresis", pr.hysteresis)
+        if pr.min_loss_scale <= 0:
+            e.append(SpecError("precision.min_loss_scale", pr.min_loss_scale, "use a positive number, e.g. 1"))
+        if pr.loss_scale < 0:
+            e.append(SpecError("precision.loss_scale", pr.loss_scale, "use 0 (dynamic) or a positive fixed scale"))
+    return e
+
+
+def _schedule(spec: RunSpec, world_size: int) -> list[SpecError]:
+    e: list[SpecError] = []
+    s = spec.schedule
+    if s.warmup_steps < 0 or s.warmup_steps > spec.train.steps:
+        e.append(
+            SpecError(
+                "schedule.warmup_steps",
+                s.warmup_steps,
+                f"use 0..train.steps ({spec.train.steps}) warm-up steps",
+            )
+        )
+    if not 0.0 <= s.min_lr_ratio <= 1.0:
+        e.append(SpecError("schedule.min_lr_ratio", s.min_lr_ratio, "use a ratio in [0, 1], e.g. 0.1"))
+    return e
+
+
+__all__ = ["PRESETS", "check_spec", "data_parallel_size"]

@@ -1,0 +1,35 @@
+"""Shared test helpers: free ports, one DeepSpeed extension cache, paths."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+# One JIT cache for DeepSpeed's CPU ops across tests and CI (building them costs 30-90 s once).
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "harness-torch-extensions"))
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now (tests run launches side by side)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def port() -> int:
+    """A free rendezvous port for one launch."""
+    return free_port()
+
+
+def harness_cmd(*args: str) -> list[str]:
+    """Command line running the CLI of this checkout with this interpreter."""
+    return [sys.executable, "-m", "harness", *args]
