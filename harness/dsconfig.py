@@ -45,11 +45,15 @@ def _has_auto(spec: RunSpec) -> bool:
 
 def compile_config(spec: RunSpec, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for ``spec`` on ``world_size`` ranks (raw ``deepspeed:`` keys merged last)."""
+    return compile_resolved(spec, world_size)[2]
+
+
+def compile_resolved(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan, dict[str, Any]]:
+    """Resolve the spec, solve the batch and compile: (resolved spec, batch plan, DeepSpeed config)."""
     spec, plan = resolve_layout(spec, world_size)
-    cfg = build_config(spec, plan)
-    merged = _merge(cfg, spec.deepspeed)
+    merged = _merge(build_config(spec, plan), spec.deepspeed)
     check_batch_triple(merged, plan.data_parallel_size)
-    return merged
+    return spec, plan, merged
 
 
 def build_config(spec: RunSpec, plan: BatchPlan) -> dict[str, Any]:
