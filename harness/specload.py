@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -20,13 +21,38 @@ from harness.spec import PrecisionSection, RunSpec
 _CONTROL_CHARS = {chr(c) for c in range(32)} - {"\t"} | {"\x7f"}
 
 
+# Tags whose values are not plain data (bytes, sets, dates): a spec and a DeepSpeed JSON config hold
+# none of them, and json.dumps cannot write them.
+_NON_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("binary", "timestamp", "omap", "pairs", "set")}
+
+
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently)."""
+    """SafeLoader that refuses duplicate mapping keys (PyYAML keeps the last one silently).
+
+    It also reads an unquoted date as a string, and refuses the tags of non-plain values.
+    """
+
+    yaml_constructors = {
+        tag: fn for tag, fn in yaml.SafeLoader.yaml_constructors.items() if tag not in _NON_PLAIN_TAGS
+    }
+    yaml_implicit_resolvers = {
+        first: [(tag, rx) for tag, rx in resolvers if tag not in _NON_PLAIN_TAGS]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
 
     def construct_mapping(self, node, deep=False):  # noqa: D102 - PyYAML hook
         seen: dict[Any, Any] = {}
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
+            try:
+                hash(key)
+            except TypeError:
+                raise SpecError(
+                    "spec",
+                    "a list" if isinstance(key, list) else "a mapping",
+                    f"use a plain name as the key (line {key_node.start_mark.line + 1})",
+                    reason="a list or mapping used as a YAML key",
+                ) from None
             if key in seen:
                 line = key_node.start_mark.line + 1
                 raise SpecError(
@@ -103,6 +129,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
         parts = dotted.split(".")
         for part in parts[:-1]:
             child = node.get(part)
+            if node is data and part == "precision" and isinstance(child, str):
+                child = {"dtype": child}  # `precision: bf16` is short for `precision: {dtype: bf16}`
+                node[part] = child
             if not isinstance(child, dict):
                 child = {} if child is None or part not in node else child
                 if not isinstance(child, dict):
@@ -121,7 +150,12 @@ def load_spec(path: str | Path | None = None, overrides: list[str] | None = None
         p = Path(path)
         if not p.is_file():
             raise SpecError("SPEC", str(path), "pass the path of an existing run spec YAML file", "no such file")
-        text = p.read_text(encoding="utf-8")
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise SpecError(
+                "SPEC", str(path), "save the spec as UTF-8 text", f"not UTF-8 (byte {exc.start})"
+            ) from None
     data = parse_yaml(text, str(path or "<spec>"))
     data = apply_overrides(data, parse_overrides(overrides or []))
     return spec_from_dict(data)
@@ -204,8 +238,11 @@ def _coerce(tp: Any, value: Any, path: str, errors: list[SpecError]) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             errors.append(SpecError(path, value, "use a mapping of key: value pairs"))
+        else:
+            _check_plain(value, path, errors)
         return value
     if tp is Any:
+        _check_plain(value, path, errors)
         return value
     return _coerce_scalar(tp, value, path, errors)
 
@@ -221,14 +258,30 @@ def _coerce_scalar(tp: type, value: Any, path: str, errors: list[SpecError]) -> 
             return int(value)  # 1e6 in YAML is a float; accept whole numbers
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                errors.append(SpecError(path, value, "use a finite number", reason="not a finite number"))
             return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            if _CONTROL_CHARS & set(value):
-                errors.append(SpecError(path, value, "remove newlines and control characters", "control character"))
-            return value
+    elif tp is str and isinstance(value, str):
+        if _CONTROL_CHARS & set(value):
+            errors.append(SpecError(path, value, "remove newlines and control characters", "control char"))
+        return value
     errors.append(SpecError(path, value, f"use {_describe(tp)}", reason="wrong type"))
     return value
+
+
+def _check_plain(value: Any, path: str, errors: list[SpecError]) -> None:
+    """Free-form values (raw deepspeed keys, HF overrides) end up in JSON: finite numbers, clean strings."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_plain(key, path, errors)
+            _check_plain(item, f"{path}.{key}", errors)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{path}[{i}]", errors)
+    elif isinstance(value, float) and not math.isfinite(value):
+        errors.append(SpecError(path, value, "use a finite number", reason="not a finite number"))
+    elif isinstance(value, str) and _CONTROL_CHARS & set(value):
+        errors.append(SpecError(path, value, "remove newlines and control characters", "control character"))
 
 
 def _describe(tp: Any) -> str:
