@@ -45,9 +45,11 @@ def solve_batch(batch: BatchSection, data_parallel_size: int, seq_len: int) -> B
             raise SpecError(f"batch.{name}", AUTO, "resolve 'auto' with the planner before solving the batch")
     glob = _global_samples(batch, seq_len)
     micro, accum = batch.micro_batch_size, batch.grad_accum
-    for name, value in (("global", glob), ("micro_batch_size", micro), ("grad_accum", accum)):
+    global_name = "global_batch_tokens" if batch.global_batch_tokens is not None else "global_batch_size"
+    for name, value in ((global_name, glob), ("micro_batch_size", micro), ("grad_accum", accum)):
         if value is not None and value < 1:
-            raise SpecError(f"batch.{name}", value, "use a positive integer")
+            shown = batch.global_batch_tokens if name == "global_batch_tokens" else value
+            raise SpecError(f"batch.{name}", shown, "use a positive integer")
     shown = f"global={glob}, micro_batch_size={micro}, grad_accum={accum}, data_parallel_size={dp}"
     if glob is None:
         micro = micro or 1
