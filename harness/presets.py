@@ -123,7 +123,21 @@ def model_config_dict(preset: str | None, name_or_path: str | None, overrides: d
     if name_or_path:
         cfg_file = Path(name_or_path) / "config.json"
         if cfg_file.is_file():
-            cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            try:
+                cfg = json.loads(cfg_file.read_text(encoding="utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise SpecError(
+                    "model.name_or_path",
+                    name_or_path,
+                    f"repair or replace {cfg_file}",
+                    f"unreadable config.json ({exc})",
+                ) from None
+            if not isinstance(cfg, dict):
+                raise SpecError(
+                    "model.name_or_path",
+                    name_or_path,
+                    f"point at a checkpoint whose {cfg_file.name} is a JSON object",
+                )
             cfg.update(overrides or {})
             return cfg
     return None

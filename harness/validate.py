@@ -5,6 +5,8 @@ These run before anything launches; they are pure (no torch, no deepspeed).
 
 from __future__ import annotations
 
+import re
+
 from harness.errors import SpecError, SpecErrors
 from harness.presets import PRESETS, model_config_dict, preset_config, shape_of
 from harness.spec import AUTO, RunSpec
@@ -81,6 +83,18 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
         e.append(
             SpecError("parallel.partition_method", part, "use parameters, uniform or type:<regex> (e.g. type:DecoderLayer)")
         )
+    elif part.startswith("type:"):
+        try:
+            re.compile(part[len("type:") :])
+        except re.error as exc:
+            e.append(
+                SpecError(
+                    "parallel.partition_method",
+                    part,
+                    "write a valid regular expression after type:, e.g. type:DecoderLayer",
+                    reason=f"bad regex ({exc})",
+                )
+            )
     return e
 
 
@@ -103,7 +117,31 @@ def _model(spec: RunSpec, world_size: int) -> list[SpecError]:
         shape = shape_of(cfg)
     except KeyError as exc:
         return [SpecError("model.overrides", m.overrides, f"keep the config key {exc} (the model needs it)")]
+    numbers = ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab")
+    bad = [k for k in numbers if not _positive_int(shape.get(k))]
+    if bad:
+        # The rules below compare these numbers; a string or null from an override would crash them.
+        culprits = [k for k, v in m.overrides.items() if k in _SHAPE_KEYS and not _positive_int(v)]
+        return [
+            SpecError(
+                f"model.overrides.{culprits[0]}" if culprits else "model",
+                m.overrides.get(culprits[0]) if culprits else cfg,
+                f"give the model's {', '.join(bad)} as positive integers",
+                reason="the model shape is not made of positive integers",
+            )
+        ]
     e: list[SpecError] = []
+    positions = shape["positions"]
+    if _positive_int(positions) and spec.data.seq_len > positions:
+        e.append(
+            SpecError(
+                "data.seq_len",
+                spec.data.seq_len,
+                f"use at most {positions} tokens, or raise the model's position limit in model.overrides "
+                f"({'n_positions' if cfg.get('model_type') == 'gpt2' else 'max_position_embeddings'})",
+                reason=f"longer than the model's {positions} positions",
+            )
+        )
     stages, tp = spec.parallel.pipeline_stages, spec.parallel.tensor_parallel
     if stages > shape["layers"]:
         e.append(
@@ -127,6 +165,17 @@ def _model(spec: RunSpec, world_size: int) -> list[SpecError]:
                     )
                 )
     return e
+
+
+# HF config keys that shape_of reads (GPT-2 and Llama-style names).
+_SHAPE_KEYS = {
+    "n_layer", "n_embd", "n_head", "vocab_size", "num_hidden_layers", "hidden_size",
+    "num_attention_heads", "num_key_value_heads", "intermediate_size", "n_inner",
+}  # fmt: skip
+
+
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def _layout(spec: RunSpec, world_size: int) -> list[SpecError]:
