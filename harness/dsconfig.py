@@ -10,7 +10,7 @@ import copy
 from typing import Any
 
 from harness.batch import BatchPlan, solve_batch
-from harness.errors import SpecError
+from harness.errors import SpecError, SpecErrors
 from harness.spec import AUTO, RunSpec
 from harness.validate import check_spec, data_parallel_size
 
@@ -24,6 +24,23 @@ STAGE3_MAX_LIVE_PARAMS = 1_000_000_000
 STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
 
 _DTYPE_NAME = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
+
+# DeepSpeed keys the spec owns. A raw `deepspeed:` value that differs from the compiled one would
+# slip past the spec's rules (e.g. ZeRO 3 under pipeline stages), so it is refused with the field to set.
+SPEC_OWNED_KEYS: dict[tuple[str, ...], str] = {
+    ("zero_optimization", "stage"): "parallel.zero_stage",
+    ("zero_optimization", "offload_optimizer", "device"): "parallel.offload_optimizer",
+    ("zero_optimization", "offload_optimizer", "nvme_path"): "parallel.nvme_path",
+    ("zero_optimization", "offload_param", "device"): "parallel.offload_params",
+    ("zero_optimization", "offload_param", "nvme_path"): "parallel.nvme_path",
+    ("pipeline", "stages"): "parallel.pipeline_stages",
+    ("tensor_parallel", "autotp_size"): "parallel.tensor_parallel",
+    ("fp16", "enabled"): "precision",
+    ("bf16", "enabled"): "precision",
+    # DeepSpeed's old name for bf16: read only when `bf16` is absent, which it never is here.
+    ("bfloat16",): "precision",
+}
+_MISSING = object()
 _SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
 
 
@@ -51,7 +68,9 @@ def compile_config(spec: RunSpec, world_size: int) -> dict[str, Any]:
 def compile_resolved(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan, dict[str, Any]]:
     """Resolve the spec, solve the batch and compile: (resolved spec, batch plan, DeepSpeed config)."""
     spec, plan = resolve_layout(spec, world_size)
-    merged = _merge(build_config(spec, plan), spec.deepspeed)
+    compiled = build_config(spec, plan)
+    check_raw_keys(compiled, spec.deepspeed)
+    merged = _merge(compiled, spec.deepspeed)
     check_batch_triple(merged, plan.data_parallel_size)
     return spec, plan, merged
 
@@ -173,7 +192,8 @@ def _scheduler_section(spec: RunSpec) -> dict[str, Any]:
     if kind == "WarmupCosineLR":
         params: dict[str, Any] = {
             "total_num_steps": steps,
-            "warmup_num_steps": s.warmup_steps,
+            # WarmupCosineLR raises on 0; one step at warmup_min_ratio 1.0 is no warm-up at all.
+            "warmup_num_steps": max(s.warmup_steps, 1),
             "warmup_min_ratio": s.min_lr_ratio if s.warmup_steps else 1.0,
             "cos_min_ratio": s.min_lr_ratio,
             "warmup_type": "linear",
@@ -200,6 +220,32 @@ def _merge(base: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def check_raw_keys(compiled: dict[str, Any], raw: dict[str, Any]) -> None:
+    """Refuse raw ``deepspeed:`` values for keys the spec owns, unless they equal the compiled value."""
+    errors = []
+    for path, field in SPEC_OWNED_KEYS.items():
+        value = _lookup(raw, path)
+        if value is not _MISSING and value != _lookup(compiled, path):
+            errors.append(
+                SpecError(
+                    "deepspeed." + ".".join(path),
+                    value,
+                    f"remove it and set {field} in the spec instead",
+                    reason="the spec owns this DeepSpeed key (its rules would be bypassed)",
+                )
+            )
+    if errors:
+        raise SpecErrors(errors)
+
+
+def _lookup(node: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(node, dict) or key not in node:
+            return _MISSING
+        node = node[key]
+    return node
 
 
 def check_batch_triple(cfg: dict[str, Any], dp: int) -> None:
