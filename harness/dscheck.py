@@ -6,13 +6,15 @@ which top-level keys DeepSpeed's config parser reads and refuses any other.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import functools
 import logging
+import sys
 from typing import Any
 
-from harness.errors import SpecError
+from harness.errors import SpecError, SpecErrors
 
 
 class _KeyRecorder(dict):
@@ -66,14 +68,14 @@ KNOWN_TOP_LEVEL_KEYS = frozenset(
     sparse_gradients steps_per_print tensor_parallel tensorboard timers torch_autocast train_batch_size
     train_micro_batch_size_per_gpu use_data_before_expert_parallelism vocabulary_size wall_clock_breakdown
     wandb weight_quantization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer zero_optimization
-    """.split()
+    """.split()  # noqa: SIM905 - a word table reads better than a 60-item list literal
 )
 
 
 @functools.cache
 def probe_top_level_keys() -> frozenset[str]:
     """Every top-level key the installed DeepSpeed's config parser looks up (probed with a minimal config)."""
-    from deepspeed.runtime.config import DeepSpeedConfig
+    DeepSpeedConfig = _quiet(_import_deepspeed_config)  # noqa: N806 - a class
 
     probe = _KeyRecorder({"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1})
     _quiet(lambda: DeepSpeedConfig(probe))
@@ -99,7 +101,7 @@ def validate_config(cfg: dict[str, Any], data_parallel_size: int, deep: bool = T
     check_batch_triple(cfg, data_parallel_size)
     if not deep:
         return
-    from deepspeed.runtime.config import DeepSpeedConfig
+    DeepSpeedConfig = _quiet(_import_deepspeed_config)  # noqa: N806 - a class
 
     # DeepSpeedConfig checks the batch triple against the process group's world size, which is 1
     # outside a launch; check the triple for the real data-parallel size ourselves and let
@@ -111,9 +113,93 @@ def validate_config(cfg: dict[str, Any], data_parallel_size: int, deep: bool = T
     except SpecError:
         raise
     except Exception as exc:  # pydantic ValidationError, AssertionError, ValueError from DeepSpeed
+        named = _pydantic_errors(exc, cfg)
+        if named:
+            raise SpecErrors(named) from None
         raise SpecError(
             "deepspeed", _first_line(exc), "fix the key DeepSpeed names above", "DeepSpeed rejected the config"
         ) from None
+
+
+def _import_deepspeed_config():
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    return DeepSpeedConfig
+
+
+def _pydantic_errors(exc: Exception, cfg: dict[str, Any]) -> list[SpecError]:
+    """One SpecError per pydantic error, named by its path in the config (``deepspeed.a.b``)."""
+    title = getattr(exc, "title", None)
+    if not title or not callable(getattr(exc, "errors", None)):
+        return []
+    out = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        msg = str(err.get("msg", "")).removeprefix("Assertion failed, ")
+        path = _find_path(cfg, loc) if loc else None
+        if path is None:
+            out.append(
+                SpecError(f"deepspeed ({title})", msg, "change the keys it names", "DeepSpeed rejected it")
+            )
+        elif err.get("type") == "extra_forbidden":
+            close = _close_field(title, loc)
+            hint = f"did you mean '{close}'?" if close else "see https://www.deepspeed.ai/docs/config-json/"
+            out.append(
+                SpecError(
+                    "deepspeed." + ".".join(map(str, path)),
+                    err.get("input"),
+                    f"remove it or fix its name; {hint}",
+                    f"DeepSpeed's {title} has no such key",
+                )
+            )
+        else:
+            out.append(
+                SpecError(
+                    "deepspeed." + ".".join(map(str, path)),
+                    err.get("input"),
+                    f"give a value DeepSpeed accepts ({msg})",
+                    "DeepSpeed rejected the value",
+                )
+            )
+    return out
+
+
+def _find_path(node: Any, loc: tuple[Any, ...], prefix: tuple[Any, ...] = ()) -> tuple[Any, ...] | None:
+    """The first path in ``node`` that ends with ``loc`` (pydantic reports it relative to a section)."""
+    if prefix[-len(loc) :] == loc:
+        return prefix
+    if isinstance(node, dict):
+        for key, child in node.items():
+            found = _find_path(child, loc, (*prefix, key))
+            if found:
+                return found
+    return None
+
+
+def _close_field(title: str, loc: tuple[Any, ...]) -> str | None:
+    """The field of DeepSpeed's config class ``title`` (at ``loc``) nearest in spelling to the bad key."""
+    import typing
+
+    from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+
+    classes, model = [DeepSpeedConfigModel], None
+    while classes and model is None:
+        cls = classes.pop()
+        model = cls if cls.__name__ == title else None
+        classes.extend(cls.__subclasses__())
+    for name in loc[:-1]:
+        field = model.model_fields.get(name) if model else None
+        members = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        model = next((m for m in members if _is_ds_model(m, DeepSpeedConfigModel)), None)
+    if model is None:
+        return None
+    names = [n for n, f in model.model_fields.items() for n in (n, f.alias) if n]
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _is_ds_model(tp: Any, base: type) -> bool:
+    return isinstance(tp, type) and issubclass(tp, base)
 
 
 def _first_line(exc: Exception) -> str:
@@ -122,11 +208,16 @@ def _first_line(exc: Exception) -> str:
 
 
 def _quiet(fn):
-    """Run ``fn`` with DeepSpeed's logger silenced (its config parser logs at INFO/WARNING)."""
+    """Run ``fn`` with DeepSpeed's logger silenced and its prints on stderr.
+
+    DeepSpeed logs to stdout (its handler binds sys.stdout at import), which would corrupt
+    ``harness config > ds.json``; importing it under the redirect binds the handler to stderr.
+    """
     logger = logging.getLogger("DeepSpeed")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
     finally:
         logger.setLevel(level)
