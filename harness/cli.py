@@ -129,12 +129,15 @@ def world_from_args(args: argparse.Namespace, spec) -> int:
 
 def cmd_show(args: argparse.Namespace) -> int:
     """Print the resolved spec and the numbers a user checks first."""
-    from harness.dsconfig import resolve_layout
+    from harness.dscheck import validate_config
+    from harness.dsconfig import compile_resolved
     from harness.specload import dump_spec
 
     spec = load_from_args(args)
     world = world_from_args(args, spec)
-    spec, plan = resolve_layout(spec, world)
+    # Compile too, so `show` refuses what `config` refuses (raw keys included; no deepspeed import).
+    spec, plan, cfg = compile_resolved(spec, world)
+    validate_config(cfg, plan.data_parallel_size, deep=False)
     print(dump_spec(spec), end="")
     print("# derived")
     for key, value in derived_numbers(spec, world, plan).items():
@@ -190,11 +193,17 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write a file so a reader never sees it half-written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write a file so a reader never sees it half-written (and nothing is left on failure)."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise SpecError(
+            "--output", str(path), "pass a writable file path (not a directory)", exc.strerror or str(exc)
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
