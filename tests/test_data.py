@@ -209,7 +209,7 @@ def test_prepare_matches_independent_packing_across_map_batches(small_texts, tmp
         cache_dir=tmp_path,
         corpus_max_bytes=SMALL_CORPUS_BYTES,
     )
-    stream = _stream(data.load_tokenizer(), small_texts)
+    stream = _stream(data.tokenizer, small_texts)
     num_blocks = len(stream) // seq_len
     expected = stream[: num_blocks * seq_len].reshape(num_blocks, seq_len)
     train_idx, val_idx = split_train_val(num_blocks, 0.1, seed=3)
@@ -223,7 +223,7 @@ def test_full_default_corpus_keeps_at_least_999_per_mille_of_tokens(tmp_path: Pa
     seq_len = 1024
     data = prepare_data(seq_len=seq_len, vocab_size=32_000, cache_dir=tmp_path)
     texts = default_corpus_texts(DEFAULT_CORPUS_MAX_BYTES)
-    stream = _stream(data.load_tokenizer(), texts)
+    stream = _stream(data.tokenizer, texts)
     num_kept = (len(data.train) + len(data.val)) * seq_len
     assert data.stats["num_docs"] == len(texts)
     assert data.stats["num_tokens_total"] == len(stream)

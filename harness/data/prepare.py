@@ -27,7 +27,8 @@ import socket
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -71,7 +72,6 @@ class PreparedData:
     """Contents of ``stats.json``."""
     cache_dir: Path
     """The keyed cache directory holding all of the above."""
-    _tokenizer: list[PreTrainedTokenizerBase] = field(default_factory=list, repr=False, compare=False)
 
     @property
     def seq_len_tokens(self) -> int:
@@ -83,13 +83,12 @@ class PreparedData:
         """The EOS id that separates documents inside blocks."""
         return int(self.stats["eos_token_id"])
 
-    def load_tokenizer(self) -> PreTrainedTokenizerBase:
-        """The tokenizer (loaded on first use; a cache hit does not pay for it)."""
-        if not self._tokenizer:
-            from transformers import AutoTokenizer
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, loaded on first use (a cache hit that never needs it does not pay for it)."""
+        from transformers import AutoTokenizer
 
-            self._tokenizer.append(AutoTokenizer.from_pretrained(str(self.tokenizer_dir)))
-        return self._tokenizer[0]
+        return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
 
 
 def prepare_data(
