@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -63,6 +64,13 @@ class _StrictLoader(yaml.SafeLoader):
                 )
             seen[key] = True
         return super().construct_mapping(node, deep=deep)
+
+
+# PyYAML follows YAML 1.1, where a float needs a dot: `lr: 1e-4` would load as the string '1e-4'.
+# Read exponent floats the YAML 1.2 way, as every user expects.
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+)
 
 
 def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
