@@ -1,0 +1,312 @@
+"""The sbatch script for ``launch.launcher: slurm``: pure rendering, one srun task per GPU, preemption-safe.
+
+    harness slurm SPEC            # writes <run>/launch/job.sbatch
+    harness slurm SPEC --submit   # ... and runs sbatch on it
+
+What the script does (see slurm/README.md and slurm/template.sbatch for a rendered, commented one):
+
+* ``#SBATCH`` directives from ``launch.slurm``, each under a comment saying what it does;
+* one task per GPU (``--ntasks-per-node = launch.gpus_per_node``) started by ``srun``, no hostfile and
+  no ssh; each task maps SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS to RANK/LOCAL_RANK/WORLD_SIZE itself
+  (:mod:`harness.launch.rankenv`); MASTER_ADDR is the allocation's first host;
+* preemption: ``--signal=B:USR1@<grace>`` signals the batch shell, whose trap forwards USR1 to srun and
+  so to every rank (ranks finish the step, save a complete checkpoint, exit 0 with status
+  ``preempted``); srun runs in the background because bash runs a trap only once the foreground
+  command ends; then ``scontrol requeue`` and the requeued job resumes from the newest complete
+  checkpoint (``checkpoint.resume: auto``).
+
+Every value is shell-quoted (shlex) on ``#SBATCH`` lines and in commands; control characters and
+backslashes (sbatch's own directive parser treats ``\\`` as an escape even inside quotes) are refused.
+"""
+
+from __future__ import annotations
+
+import shlex
+
+from harness.errors import SpecError, SpecErrors
+from harness.launch import ENTRY_MODULE
+from harness.launch.shell import control_chars
+from harness.spec import RunSpec
+
+SCRIPT_NAME = "job.sbatch"
+"""The rendered script's name inside ``<run>/launch/``."""
+
+
+def _check_value(errors: list[SpecError], field: str, value: str) -> str:
+    """Record a problem with a directive value; return it shell-quoted for the ``#SBATCH`` line."""
+    found = control_chars(value)
+    if found:
+        errors.append(
+            SpecError(field, value, "remove newlines and other control characters",
+                      reason=f"control character {', '.join(found)}: a newline ends the #SBATCH directive "
+                      "and the rest would run as a command")
+        )  # fmt: skip
+    elif "\\" in value:
+        errors.append(
+            SpecError(field, value, "remove the backslash",
+                      reason="sbatch reads '\\' in a directive as an escape, even inside quotes")
+        )  # fmt: skip
+    elif value == "":
+        errors.append(SpecError(field, value, "give a value or remove the key"))
+    return shlex.quote(value)
+
+
+def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "") -> str:
+    """The batch script that trains ``spec`` in ``run_dir`` with ``python``; raises SpecErrors on bad values."""
+    ls, sl = spec.launch, spec.launch.slurm
+    errors: list[SpecError] = []
+    directives: list[tuple[str, str]] = []  # (comment, directive)
+
+    def directive(comment: str, flag: str, field: str | None = None, value: object = None) -> None:
+        if value is None:
+            directives.append((comment, flag))
+        elif isinstance(value, str):
+            directives.append((comment, f"{flag}={_check_value(errors, field or flag, value)}"))
+        else:
+            directives.append((comment, f"{flag}={value}"))
+
+    for field, value in (("launch.nodes", ls.nodes), ("launch.gpus_per_node", ls.gpus_per_node)):
+        if value < 1:
+            errors.append(SpecError(field, value, "use a positive number"))
+    if sl.cpus_per_task is not None and sl.cpus_per_task < 1:
+        errors.append(
+            SpecError("launch.slurm.cpus_per_task", sl.cpus_per_task, "use a positive number of cores")
+        )
+    if not 1 <= sl.preempt_signal_grace_s <= 65535:
+        errors.append(
+            SpecError("launch.slurm.preempt_signal_grace_s", sl.preempt_signal_grace_s,
+                      "use 1..65535 seconds (long enough to finish a step and save a checkpoint)")
+        )  # fmt: skip
+    job_name = sl.job_name if sl.job_name is not None else spec.run.name
+    if sl.job_name is not None:
+        _check_value(errors, "run.name", spec.run.name)  # it still appears in the header comment
+    if source:
+        _check_value(errors, "SPEC (the spec file path)", source)
+    directive("Name shown by squeue and sacct (launch.slurm.job_name, default run.name).", "--job-name",
+              "launch.slurm.job_name" if sl.job_name is not None else "run.name", job_name)  # fmt: skip
+    for field, flag, comment in (
+        ("partition", "--partition", "Partition (queue) to run in."),
+        ("account", "--account", "Account charged for the allocation."),
+        ("qos", "--qos", "Quality of service (priority and limits)."),
+        ("time", "--time", "Wall-clock limit; USR1 comes preempt_signal_grace_s before it."),
+    ):
+        value = getattr(sl, field)
+        if value is not None:
+            directive(comment, flag, f"launch.slurm.{field}", value)
+    directive("Machines (launch.nodes).", "--nodes", value=ls.nodes)
+    directive("One task per GPU: srun starts launch.gpus_per_node ranks on every machine.", "--ntasks-per-node",
+              value=ls.gpus_per_node)  # fmt: skip
+    if sl.gres_gpus:
+        directive("GPUs per machine, one per task (launch.slurm.gres_gpus: false on CPU-only nodes).",
+                  "--gpus-per-node", value=ls.gpus_per_node)  # fmt: skip
+    if sl.cpus_per_task is not None:
+        directive("CPU cores per task (data loading, host-side optimizer work).", "--cpus-per-task",
+                  value=sl.cpus_per_task)  # fmt: skip
+    if sl.output is not None:
+        directive("Where the job's output goes (%j = job id).", "--output", "launch.slurm.output", sl.output)
+    else:
+        # '%' is a filename pattern to Slurm; '%%' is a literal one.
+        directive("Where the job's output goes: the run directory (%j = job id).", "--output", "run.output_dir",
+                  f"{run_dir.replace('%', '%%')}/slurm-%j.out")  # fmt: skip
+    directive(
+        "Append, so a requeued job keeps the output of earlier attempts.", "--open-mode", value="append"
+    )
+    directive(f"USR1 to this batch shell {sl.preempt_signal_grace_s} s before the time limit: checkpoint and requeue.",
+              "--signal", value=f"B:USR1@{sl.preempt_signal_grace_s}")  # fmt: skip
+    if sl.requeue:
+        directive(
+            "The job may be requeued (by the trap below, by preemption or after a node failure).", "--requeue"
+        )
+    else:
+        directive("Never requeue (launch.slurm.requeue: false): a preempted run stops after its checkpoint.",
+                  "--no-requeue")  # fmt: skip
+    directive("Tasks inherit the submitting shell's environment (launch.env values are never written here).",
+              "--export", value="ALL")  # fmt: skip
+    for i, line in enumerate(sl.extra):
+        field = f"launch.slurm.extra[{i}]"
+        if control_chars(line):
+            _check_value(errors, field, line)
+        elif not line.startswith("-"):
+            errors.append(
+                SpecError(field, line, "write the option as on the sbatch command line, e.g. --exclusive")
+            )
+        directive("Extra directive from launch.slurm.extra.", line)
+    run_dir_q = _check_value(errors, "run.output_dir / run.name (the run directory)", run_dir)
+    python_q = _check_value(errors, "the python interpreter path", python)
+    if ls.master_addr is not None:
+        master = f"export MASTER_ADDR={_check_value(errors, 'launch.master_addr', ls.master_addr)}"
+    else:
+        master = _MASTER_FROM_NODELIST
+    if errors:
+        raise SpecErrors(errors)
+
+    srun = ["srun", "--kill-on-bad-exit=1"]
+    if sl.cpus_per_task is not None:
+        # srun (22.05+) does not inherit --cpus-per-task from the allocation.
+        srun.append(f"--cpus-per-task={sl.cpus_per_task}")
+    srun_line = " ".join(srun) + f' "$python" -u -m {ENTRY_MODULE} --run-dir "$run_dir" &'
+    head = f"# Rendered by `harness slurm{' ' + shlex.quote(source) if source else ''}`"
+    lines = [
+        "#!/bin/bash",
+        f"{head} for run {shlex.quote(spec.run.name)}.",
+        "# Submit with sbatch; submitting again later is safe: the run resumes from its newest complete checkpoint.",
+        "#",
+    ]
+    for comment, text in directives:
+        lines += [f"# {comment}", f"#SBATCH {text}"]
+    body = _BODY.format(
+        run_dir_line=_assign("run_dir", run_dir_q),
+        python_line=_assign("python", python_q),
+        master=master,
+        master_port=ls.master_port,
+        srun_line=srun_line,
+        requeue=_REQUEUE if sl.requeue else _NO_REQUEUE,
+    )
+    return "\n".join(lines) + "\n" + body
+
+
+_MASTER_FROM_NODELIST = """\
+head_node="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"
+# A NodeName need not resolve (slurm.conf NodeAddr=); ask Slurm for the node's address then.
+if ! getent hosts "$head_node" >/dev/null; then
+  head_node="$(scontrol show node -o "$head_node" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')"
+fi
+export MASTER_ADDR="$head_node\""""
+
+_BODY = """
+# Not -e: srun's exit status and status.json are examined below.
+set -uo pipefail
+
+{run_dir_line}
+{python_line}
+
+# Each task computes its own rank from SLURM_PROCID/SLURM_LOCALID/SLURM_NTASKS; values inherited from
+# the submitting shell (an earlier launch, an mpirun) must not override that.
+unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE HARNESS_ENV_FILE "${{!OMPI_COMM_WORLD_@}}"
+# Rank 0 runs on the first host of the allocation; it serves the rendezvous.
+{master}
+export MASTER_PORT={master_port}
+echo "harness: job ${{SLURM_JOB_ID}} attempt ${{SLURM_RESTART_COUNT:-0}} on ${{SLURM_JOB_NODELIST}};" \\
+  "rendezvous ${{MASTER_ADDR}}:${{MASTER_PORT}}"
+
+# status.json is rank 0's last word on this attempt; a stale one must not pass for it.
+rm -f -- "$run_dir/status.json"
+
+srun_pid=""
+signalled=""
+# USR1 (time limit, scancel --signal=USR1 --batch) or TERM (preemption, scancel): srun forwards USR1 to
+# every rank, which finishes its step, saves a complete checkpoint and exits 0.
+# shellcheck disable=SC2329  # called by the traps below
+forward_to_ranks() {{
+  signalled="$1"
+  echo "harness: SIG$1 received: every rank checkpoints at the end of its current step and stops"
+  if [[ -n "$srun_pid" ]]; then
+    kill -USR1 "$srun_pid" 2>/dev/null || true
+  fi
+}}
+trap 'forward_to_ranks USR1' USR1
+trap 'forward_to_ranks TERM' TERM
+
+rc=0
+if [[ -z "$signalled" ]]; then
+  # In the background: bash runs a trap only after the foreground command has finished.
+  {srun_line}
+  srun_pid=$!
+  if [[ -n "$signalled" ]]; then
+    kill -USR1 "$srun_pid" 2>/dev/null || true
+  fi
+  wait "$srun_pid" || rc=$?
+  # A trap interrupts `wait` (status > 128) while srun runs on; wait for srun itself.
+  while ((rc > 128)) && kill -0 "$srun_pid" 2>/dev/null; do
+    rc=0
+    wait "$srun_pid" || rc=$?
+  done
+fi
+
+state="$(sed -n 's/.*"state": *"\\([a-z]*\\)".*/\\1/p' "$run_dir/status.json" 2>/dev/null || true)"
+case "$state" in
+  complete)
+    echo "harness: run complete (srun exit status $rc)"
+    exit 0
+    ;;
+  preempted)
+{requeue}
+    ;;
+  *)
+    echo "harness: ranks stopped without completing (srun exit status $rc, status '${{state:-none}}')" >&2
+    if ((rc == 0)); then
+      rc=1
+    fi
+    exit "$rc"
+    ;;
+esac
+"""
+
+_REQUEUE = """\
+    echo "harness: checkpoint saved; requeueing job ${SLURM_JOB_ID} (it resumes from that checkpoint)"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+      echo "harness: scontrol requeue failed; submit this script again to resume" >&2
+      exit 1
+    fi
+    exit 0"""
+
+_NO_REQUEUE = """\
+    echo "harness: checkpoint saved; requeue is off (launch.slurm.requeue), submit this script again to resume"
+    exit 0"""
+
+
+def _assign(name: str, quoted: str) -> str:
+    """``name=quoted``, telling shellcheck that a ``$`` inside the single quotes is meant literally."""
+    literal = "# shellcheck disable=SC2016  # literal on purpose\n" if "$" in quoted or "`" in quoted else ""
+    return f"{literal}{name}={quoted}"
+
+
+def default_script_path(run_dir: str) -> str:
+    """Where ``harness slurm`` writes the script."""
+    return f"{run_dir}/launch/{SCRIPT_NAME}"
+
+
+def render_example(spec_path) -> str:
+    """The script checked in under slurm/ for an example spec: run dir as written, ``python3`` from PATH.
+
+    (``harness slurm`` renders the same with the absolute run directory and this interpreter.)
+    """
+    from pathlib import Path
+
+    from harness.specload import load_spec
+
+    spec = load_spec(str(spec_path))
+    run_dir = f"{spec.run.output_dir.rstrip('/')}/{spec.run.name}"
+    root = Path(__file__).resolve().parents[2]
+    try:
+        source = str(Path(spec_path).resolve().relative_to(root))
+    except ValueError:
+        source = str(spec_path)
+    return render_sbatch(spec, run_dir=run_dir, python="python3", source=source)
+
+
+def _regenerate_examples() -> None:
+    from pathlib import Path
+
+    from harness.specload import load_spec
+
+    root = Path(__file__).resolve().parents[2]
+    out_dir = root / "slurm" / "examples"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for spec_path in sorted((root / "examples").glob("*.yaml")):
+        if load_spec(str(spec_path)).launch.launcher == "slurm":
+            (out_dir / f"{spec_path.stem}.sbatch").write_text(render_example(spec_path))
+            print(f"wrote {out_dir / spec_path.stem}.sbatch")
+    (root / "slurm" / "template.sbatch").write_text(render_example(root / "slurm" / "template.yaml"))
+    print(f"wrote {root / 'slurm' / 'template.sbatch'}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--examples"]:
+        _regenerate_examples()
+    elif len(sys.argv) == 2:
+        sys.stdout.write(render_example(sys.argv[1]))
+    else:
+        sys.exit("usage: python -m harness.launch.slurm (--examples | SPEC.yaml)")
