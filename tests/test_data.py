@@ -168,6 +168,11 @@ def test_tokenizer_resolution_order_and_size_check(small_tok, tmp_path: Path):
     with pytest.raises(SpecError) as err:
         train_bpe_tokenizer(["abc"], vocab_size=100)
     assert err.value.field == "model.overrides.vocab_size"
+    # An unknown model vocab (None) skips the size check for a given tokenizer but cannot size a new one.
+    assert resolve_tokenizer(tokenizer=str(tok_dir), model_path=None, vocab_size=None)[1] == "data.tokenizer"
+    with pytest.raises(SpecError) as err:
+        resolve_tokenizer(tokenizer=None, model_path=None, vocab_size=None, texts=["abc"])
+    assert err.value.field == "model.overrides.vocab_size"
 
 
 # --- packing -----------------------------------------------------------------------------------------

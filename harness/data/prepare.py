@@ -90,6 +90,10 @@ class PreparedData:
 
         return AutoTokenizer.from_pretrained(str(self.tokenizer_dir))
 
+    def load_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer (same object as :attr:`tokenizer`, loaded on first use)."""
+        return self.tokenizer
+
 
 def prepare_data(
     *,
@@ -99,7 +103,7 @@ def prepare_data(
     seq_len: int,
     tokenizer: str | None = None,
     model_path: str | None = None,
-    vocab_size: int,
+    vocab_size: int | None,
     val_fraction: float = 0.01,
     seed: int = 0,
     cache_dir: str | Path,
@@ -109,7 +113,8 @@ def prepare_data(
 
     Arguments mirror the spec's ``data`` section (``dataset``, ``files``, ``text_field``, ``seq_len``,
     ``tokenizer``, ``val_fraction``), plus ``model.name_or_path`` (``model_path``, consulted for tokenizer
-    files), the model config's ``vocab_size``, the run seed, and ``cache_dir`` (also the ``datasets``
+    files), the model config's ``vocab_size`` (``None`` or 0: unknown, so an existing tokenizer is not
+    size-checked and training one is an error), the run seed, and ``cache_dir`` (also the ``datasets``
     cache). ``corpus_max_bytes`` sizes the embedded default corpus. Safe to call from every rank at once.
     """
     _check_args(seq_len=seq_len, val_fraction=val_fraction, vocab_size=vocab_size)
@@ -121,7 +126,7 @@ def prepare_data(
         "seq_len": seq_len,
         "tokenizer": tokenizer,
         "model_path": model_path,
-        "vocab_size": vocab_size,
+        "vocab_size": vocab_size or None,
         "val_fraction": val_fraction,
         "seed": seed,
         "corpus_max_bytes": corpus_max_bytes,
@@ -181,13 +186,13 @@ def split_train_val(num_blocks: int, val_fraction: float, seed: int) -> tuple[np
     return np.flatnonzero(~is_val), np.flatnonzero(is_val)
 
 
-def _check_args(*, seq_len: int, val_fraction: float, vocab_size: int) -> None:
+def _check_args(*, seq_len: int, val_fraction: float, vocab_size: int | None) -> None:
     """Reject values that cannot work before any expensive step runs."""
     if seq_len < 2:
         raise SpecError("data.seq_len", seq_len, "set it to at least 2 (e.g. 256)")
     if not 0 <= val_fraction < 1:
         raise SpecError("data.val_fraction", val_fraction, "use a fraction in [0, 1), e.g. 0.01")
-    if vocab_size < 1:
+    if vocab_size is not None and vocab_size < 0:
         raise SpecError("model.overrides.vocab_size", vocab_size, "set a positive vocab_size")
 
 

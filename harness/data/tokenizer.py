@@ -121,14 +121,15 @@ def resolve_tokenizer(
     *,
     tokenizer: str | None,
     model_path: str | None,
-    vocab_size: int,
+    vocab_size: int | None,
     texts: Iterable[str] | None = None,
     out_dir: str | Path | None = None,
 ) -> tuple[PreTrainedTokenizerBase, str]:
     """Return ``(tokenizer, source)``; source is ``"data.tokenizer"``, ``"model"`` or ``"trained"``.
 
     ``texts`` is only consumed when a BPE has to be trained, so pass a lazy iterator. The tokenizer is
-    checked to fit ``vocab_size`` and to have an EOS token; a missing PAD token is set to EOS. With
+    checked to fit ``vocab_size`` (skipped when it is ``None``: the model takes its size from the
+    tokenizer) and to have an EOS token; a missing PAD token is set to EOS. With
     ``out_dir`` it is also saved there (``save_pretrained``), ready to ship with the run and HF export.
     """
     tok, source = _resolve(tokenizer=tokenizer, model_path=model_path, vocab_size=vocab_size, texts=texts)
@@ -138,7 +139,7 @@ def resolve_tokenizer(
 
 
 def _resolve(
-    *, tokenizer: str | None, model_path: str | None, vocab_size: int, texts: Iterable[str] | None
+    *, tokenizer: str | None, model_path: str | None, vocab_size: int | None, texts: Iterable[str] | None
 ) -> tuple[PreTrainedTokenizerBase, str]:
     """Pick, load or train the tokenizer and check it fits the model (see :func:`resolve_tokenizer`)."""
     if tokenizer:
@@ -157,6 +158,13 @@ def _resolve(
     else:
         if texts is None:
             raise ValueError("texts are needed to train a tokenizer when none is given")
+        if not vocab_size:
+            raise SpecError(
+                "model.overrides.vocab_size",
+                vocab_size,
+                "set model.overrides.vocab_size (the trained tokenizer's target size), or set data.tokenizer",
+                reason="no tokenizer was given and the model's vocab_size is unknown, so none can be trained",
+            )
         return train_bpe_tokenizer(texts, vocab_size), "trained"
 
     if tok.eos_token_id is None:
@@ -166,7 +174,7 @@ def _resolve(
             "use a tokenizer that defines eos_token (documents are packed with EOS between them)",
             reason="the tokenizer has no eos_token",
         )
-    if len(tok) > vocab_size:
+    if vocab_size and len(tok) > vocab_size:
         raise SpecError(
             field,
             f"{tokenizer or model_path} ({len(tok)} tokens)",
