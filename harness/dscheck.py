@@ -51,7 +51,13 @@ class _KeyRecorder(dict):
 
 
 # Top-level keys read outside DeepSpeedConfig.__init__ (by the engine or other config parsers).
-_READ_ELSEWHERE = {"pipeline", "tensor_parallel", "activation_checkpointing", "comms_logger", "flops_profiler"}
+_READ_ELSEWHERE = {
+    "pipeline",
+    "tensor_parallel",
+    "activation_checkpointing",
+    "comms_logger",
+    "flops_profiler",
+}
 
 
 # The probe's result for the pinned DeepSpeed, so `harness config` needs no deepspeed import;
@@ -94,9 +100,14 @@ def validate_config(cfg: dict[str, Any], data_parallel_size: int, deep: bool = T
     for key in cfg:
         if key not in known:
             close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
-            hint = f"did you mean '{close[0]}'?" if close else "see https://www.deepspeed.ai/docs/config-json/"
+            hint = (
+                f"did you mean '{close[0]}'?" if close else "see https://www.deepspeed.ai/docs/config-json/"
+            )
             raise SpecError(
-                f"deepspeed.{key}", cfg[key], f"remove it or fix its name; {hint}", "DeepSpeed does not know this key"
+                f"deepspeed.{key}",
+                cfg[key],
+                f"remove it or fix its name; {hint}",
+                "DeepSpeed does not know this key",
             )
     check_batch_triple(cfg, data_parallel_size)
     if not deep:
@@ -117,7 +128,10 @@ def validate_config(cfg: dict[str, Any], data_parallel_size: int, deep: bool = T
         if named:
             raise SpecErrors(named) from None
         raise SpecError(
-            "deepspeed", _first_line(exc), "fix the key DeepSpeed names above", "DeepSpeed rejected the config"
+            "deepspeed",
+            _first_line(exc),
+            "fix the key DeepSpeed names above",
+            "DeepSpeed rejected the config",
         ) from None
 
 
@@ -212,12 +226,17 @@ def _quiet(fn):
 
     DeepSpeed logs to stdout (its handler binds sys.stdout at import), which would corrupt
     ``harness config > ds.json``; importing it under the redirect binds the handler to stderr.
+    Its import also warns "Setting accelerator to CPU" through a logger it configures itself, so
+    warnings are disabled globally for the duration (a user error stays one clear message).
     """
     logger = logging.getLogger("DeepSpeed")
     level = logger.level
+    disabled = logging.root.manager.disable
     logger.setLevel(logging.ERROR)
+    logging.disable(logging.WARNING)
     try:
         with contextlib.redirect_stdout(sys.stderr):
             return fn()
     finally:
+        logging.disable(disabled)
         logger.setLevel(level)
