@@ -1,0 +1,1 @@
+"""Per-rank training: models, the loop, checkpoints, metrics, HF export. Imports torch."""

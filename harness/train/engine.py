@@ -1,0 +1,125 @@
+"""The DeepSpeed engine for a spec: model, optimizer, and one training step.
+
+Plain (ZeRO 0-3, AutoTP) models step micro-batch by micro-batch through ``engine.backward`` /
+``engine.step``; pipeline layouts go through ``harness.train.pipeline`` and ``train_batch``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from harness.spec import RunSpec
+from harness.train.metrics import flops_per_token
+from harness.train.model import build_model, param_groups
+
+
+@dataclass
+class RunEngine:
+    """A DeepSpeed engine plus how to step and evaluate it."""
+
+    engine: Any
+    device: torch.device
+    flops_per_token: float
+    peak_flops_per_rank: float | None
+    micro_batch_size: int
+
+    def train_step(self, sampler) -> float:
+        """One optimizer step (all accumulation micro-batches); the mean loss over micro-batches and ranks."""
+        engine = self.engine
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
+        accum = engine.gradient_accumulation_steps()
+        for _ in range(accum):
+            batch = next(sampler).to(self.device)
+            loss = engine(input_ids=batch, labels=batch).loss
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().float()
+        return _mean_over_ranks(total / accum)
+
+    @torch.no_grad()
+    def eval_losses(self, batches) -> list[float]:
+        """Loss of each validation micro-batch (this rank's shard)."""
+        self.engine.eval()
+        try:
+            return [
+                float(self.engine(input_ids=b.to(self.device), labels=b.to(self.device)).loss)
+                for b in batches
+            ]
+        finally:
+            self.engine.train()
+
+
+def _mean_over_ranks(value: torch.Tensor) -> float:
+    if dist.is_initialized():
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return float(value)
+
+
+def data_parallel_coords(engine) -> tuple[int, int]:
+    """(rank, size) of this process in the data-parallel group (differs from the world under PP/TP)."""
+    group = getattr(engine, "data_parallel_group", None)
+    if hasattr(engine, "grid"):  # PipelineEngine
+        return engine.grid.get_data_parallel_rank(), engine.grid.get_data_parallel_world_size()
+    if group is not None and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _flops(spec: RunSpec, net: torch.nn.Module, vocab_size: int | None) -> float:
+    from harness.presets import shape_of
+    from harness.train.model import hf_config
+
+    cfg = hf_config(spec.model, vocab_size).to_dict()
+    shape = shape_of(cfg)
+    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in net.parameters()}.values())
+    return flops_per_token(num_params, shape["layers"], shape["hidden"], spec.data.seq_len)
+
+
+def peak_flops_per_rank(spec: RunSpec) -> float | None:
+    """Dense peak FLOP/s of one rank's device for MFU; None on CPU (MFU is then "n/a")."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from harness.planner.devices import peak_flops
+
+        return peak_flops(spec.launch.gpu, spec.precision.dtype)
+    except (ImportError, KeyError, ValueError):
+        return None
+
+
+def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
+    """Build the model (partitioned at init under ZeRO 3) and wrap it in a DeepSpeed engine."""
+    if spec.parallel.pipeline_stages > 1:
+        from harness.train.pipeline import build_pipeline_engine
+
+        return build_pipeline_engine(spec, ds_config, vocab_size)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    net = build_model(spec.model, ds_config, vocab_size)
+    flops = _flops(spec, net, vocab_size)
+    optimizer = None
+    params: Any = param_groups(net, spec.optimizer.weight_decay)
+    if spec.optimizer.impl == "torch":
+        opt_cls = torch.optim.AdamW if spec.optimizer.name == "adamw" else torch.optim.Adam
+        optimizer = opt_cls(
+            params, lr=spec.optimizer.lr, betas=tuple(spec.optimizer.betas), eps=spec.optimizer.eps
+        )
+        params = None
+    engine, _, _, _ = deepspeed.initialize(
+        model=net, optimizer=optimizer, model_parameters=params, config=ds_config
+    )
+    device = torch.device(get_accelerator().current_device_name())
+    return RunEngine(
+        engine=engine,
+        device=device,
+        flops_per_token=flops,
+        peak_flops_per_rank=peak_flops_per_rank(spec),
+        micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+    )

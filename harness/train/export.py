@@ -1,0 +1,141 @@
+"""Export a complete checkpoint to a normal Hugging Face checkpoint (``from_pretrained`` just works).
+
+    harness export runs/tiny-cpu -o hf/          # newest complete checkpoint of the run
+    harness export runs/tiny-cpu/checkpoints/step-00000060 -o hf/
+
+Weights are the fp32 master weights, consolidated with DeepSpeed's own ``zero_to_fp32`` for ZeRO
+1-3 (and bf16 runs, whose optimizer keeps fp32 partitions), read directly for ZeRO 0. Written as
+safetensors with config.json, generation_config.json and the run's tokenizer, into a temporary
+directory renamed into place, so a failed export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from harness.errors import SpecError
+from harness.rundir import DS_CONFIG_FILE, SPEC_FILE
+from harness.train import checkpoint
+from harness.train.safety import verify_checkpoint_files
+
+
+def resolve_checkpoint(source: Path) -> Path:
+    """A complete checkpoint tag directory from a run directory or a tag directory."""
+    source = Path(source)
+    if (source / SPEC_FILE).is_file():
+        done = checkpoint.complete_checkpoints(source)
+        if not done:
+            raise SpecError(
+                "RUN_DIR_OR_CHECKPOINT",
+                str(source),
+                "train until a checkpoint is saved, then export",
+                reason="the run has no complete checkpoint",
+            )
+        return done[-1].path
+    if not source.is_dir():
+        raise SpecError(
+            "RUN_DIR_OR_CHECKPOINT",
+            str(source),
+            "give a run directory or a checkpoint directory",
+            reason="no such directory",
+        )
+    if not checkpoint.is_complete(source):
+        raise SpecError(
+            "RUN_DIR_OR_CHECKPOINT",
+            str(source),
+            "export a complete checkpoint (give the run directory to pick the newest complete one)",
+            reason=f"incomplete checkpoint: no {checkpoint.MARKER} marker, some rank never finished writing it",
+        )
+    return source
+
+
+def consolidated_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """fp32 weights of the whole model from a (possibly sharded) DeepSpeed checkpoint."""
+    if any(tag_dir.glob("layer_*-model_states.pt")):
+        from harness.train.pipeline import pipeline_state_dict
+
+        return pipeline_state_dict(tag_dir)
+    if any(tag_dir.glob("mp_rank_01_model_states.pt")):
+        from harness.train.tensor_parallel import tensor_parallel_state_dict
+
+        return tensor_parallel_state_dict(tag_dir, ds_config)
+    if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+        return {k: v.contiguous().float() for k, v in sd.items()}
+    states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
+    return {k: v.float() for k, v in states["module"].items()}
+
+
+def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
+    """Write an HF checkpoint of ``tag_dir`` into ``out_dir`` (replacing it). Returns ``out_dir``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    from harness.specload import load_spec
+    from harness.train.model import hf_config
+
+    tag_dir = resolve_checkpoint(Path(tag_dir))
+    run_dir = tag_dir.parent.parent
+    spec = load_spec(run_dir / SPEC_FILE)
+    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text(encoding="utf-8"))
+    verify_checkpoint_files(tag_dir)
+    state = consolidated_state_dict(tag_dir, ds_config)
+
+    cfg = hf_config(spec.model)
+    cfg.use_cache = True
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])
+    missing = [k for k in missing if k not in tied and not _is_tied_copy(model, k)]
+    if missing or unexpected:
+        raise RuntimeError(
+            f"checkpoint {tag_dir} does not match the model: missing {missing}, unexpected {unexpected}"
+        )
+    model.tie_weights()
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    tok_dir = run_dir / "tokenizer"
+    tok = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
+    if tok is not None:
+        model.generation_config = GenerationConfig(
+            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+        )
+        tok.save_pretrained(str(tmp))
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.replace(out_dir)
+    return out_dir
+
+
+def _is_tied_copy(model: torch.nn.Module, key: str) -> bool:
+    """True for an output embedding that shares storage with the input embedding (GPT-2, Qwen2 small)."""
+    out = model.get_output_embeddings()
+    return bool(
+        out is not None
+        and key.endswith("weight")
+        and getattr(model.config, "tie_word_embeddings", False)
+        and key.startswith(("lm_head", "embed_out"))
+    )
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``harness export RUN_DIR_OR_CHECKPOINT -o DIR``."""
+    tag_dir = resolve_checkpoint(Path(args.source))
+    out = export_checkpoint(tag_dir, Path(args.output))
+    print(f"exported {tag_dir} -> {out}")
+    return 0
