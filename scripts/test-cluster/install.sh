@@ -1,30 +1,29 @@
 #!/usr/bin/env bash
-# Install the Debian packages the test cluster needs (Slurm 22.05, munge, pdsh, a private sshd) plus
-# libaio-dev (DeepSpeed's async_io op for NVMe offload) and openmpi-bin (deepspeed --launcher openmpi).
+# Install the Debian packages the test cluster needs: Slurm 22.05, munge, pdsh, OpenSSH (a private sshd),
+# and libaio-dev (DeepSpeed's async_io op, used by NVMe offload). openmpi-bin (deepspeed --launcher
+# openmpi) only with --with-openmpi: it pulls 19 more packages, about 9 s even from a warm apt cache.
 #
-#   scripts/test-cluster/install.sh [--no-openmpi]
+#   scripts/test-cluster/install.sh [--with-openmpi]
 #
-# Idempotent: when every package is already installed it only asks dpkg and returns in well under a
-# second. Otherwise it installs with --no-install-recommends (20 packages instead of 55 for Slurm) and
-# runs `apt-get update` only when the local package lists cannot satisfy the request.
-# Debian's postinst scripts do not start any daemon here (no init system); up.sh starts them.
+# Idempotent: when every package is already installed it only asks dpkg (about 0.1 s). Otherwise it
+# installs with --no-install-recommends (20 packages instead of 55 for Slurm; about 16 s from a warm
+# cache) and runs `apt-get update` only when the cached package lists cannot satisfy the request.
+# Debian's postinst scripts start no daemon here (no init system, policy-rc.d); up.sh starts them.
 set -euo pipefail
 
 base_packages=(slurm-wlm munge pdsh openssh-server openssh-client libaio-dev)
-# openmpi-bin pulls 19 libraries (libfabric, ucx, pmix, hwloc...), about 3 s to unpack from a warm apt
-# cache; --no-openmpi skips it on machines where that matters.
 optional_packages=(openmpi-bin)
 
-with_openmpi=1
+with_openmpi=0
 for arg in "$@"; do
   case "$arg" in
-    --no-openmpi) with_openmpi=0 ;;
+    --with-openmpi) with_openmpi=1 ;;
     -h | --help)
-      sed -n '2,10p' "$0"
+      sed -n '2,11p' "$0"
       exit 0
       ;;
     *)
-      echo "install.sh: unknown argument '$arg' (known: --no-openmpi)" >&2
+      echo "install.sh: unknown argument '$arg' (known: --with-openmpi)" >&2
       exit 2
       ;;
   esac
@@ -40,8 +39,10 @@ if [[ "$with_openmpi" -eq 1 ]]; then
   wanted+=("${optional_packages[@]}")
 fi
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+# shellcheck source=common.sh
+source "$here/common.sh"
 start_ns="$(date +%s%N)"
-elapsed_s() { printf '%d.%02d' $((($(date +%s%N) - start_ns) / 1000000000)) $((($(date +%s%N) - start_ns) / 10000000 % 100)); }
 
 missing=()
 for pkg in "${wanted[@]}"; do
@@ -52,7 +53,7 @@ for pkg in "${wanted[@]}"; do
 done
 
 if [[ "${#missing[@]}" -eq 0 ]]; then
-  echo "install: all ${#wanted[@]} packages already installed (${wanted[*]}) in $(elapsed_s) s"
+  echo "install: all ${#wanted[@]} packages already installed (${wanted[*]}) in $(seconds_since "$start_ns") s"
   exit 0
 fi
 
@@ -77,5 +78,5 @@ for pkg in "${missing[@]}"; do
     exit 1
   fi
 done
-echo "install: installed ${missing[*]} in $(elapsed_s) s"
+echo "install: installed ${missing[*]} in $(seconds_since "$start_ns") s"
 echo "install: $(slurmd -V), $(munged -V 2>&1 | head -n 1), $(pdsh -V 2>&1 | head -n 1)"
