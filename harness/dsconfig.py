@@ -189,11 +189,13 @@ def _zero_section(spec: RunSpec) -> dict[str, Any]:
 def _scheduler_section(spec: RunSpec) -> dict[str, Any]:
     s, lr, steps = spec.schedule, spec.optimizer.lr, spec.train.steps
     kind = _SCHEDULERS[s.decay]
+    # DeepSpeed's schedulers raise on warmup_num_steps=0; without warm-up, one step that starts
+    # at the peak (warmup_min_ratio 1.0 / warmup_min_lr = lr) is no warm-up at all.
+    warmup_num_steps = max(s.warmup_steps, 1)
     if kind == "WarmupCosineLR":
         params: dict[str, Any] = {
             "total_num_steps": steps,
-            # WarmupCosineLR raises on 0; one step at warmup_min_ratio 1.0 is no warm-up at all.
-            "warmup_num_steps": max(s.warmup_steps, 1),
+            "warmup_num_steps": warmup_num_steps,
             "warmup_min_ratio": s.min_lr_ratio if s.warmup_steps else 1.0,
             "cos_min_ratio": s.min_lr_ratio,
             "warmup_type": "linear",
@@ -202,7 +204,7 @@ def _scheduler_section(spec: RunSpec) -> dict[str, Any]:
         params = {
             "warmup_min_lr": lr * s.min_lr_ratio if s.warmup_steps else lr,
             "warmup_max_lr": lr,
-            "warmup_num_steps": s.warmup_steps,
+            "warmup_num_steps": warmup_num_steps,
             "warmup_type": "linear",
         }
         if kind == "WarmupDecayLR":
