@@ -61,7 +61,7 @@ _READ_ELSEWHERE = {
 
 
 # The probe's result for the pinned DeepSpeed, so `harness config` needs no deepspeed import;
-# tests/test_dscheck.py fails when the installed DeepSpeed reads a different set.
+# tests/test_ds_configs.py fails when the installed DeepSpeed reads a different set.
 KNOWN_TOP_LEVEL_KEYS = frozenset(
     """
     activation_checkpointing aio amp autotuning bf16 bfloat16 checkpoint comet comms_logger
