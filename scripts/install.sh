@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Install harness and its test extras into the current Python, torch first.
+#
+# torch comes first so pip never resolves a CUDA build by itself (several GB): set HARNESS_TORCH
+# to the requirement you want (default torch==2.13.0, a CPU build on the project's machines; on a
+# GPU machine install your CUDA torch before running this and it is left alone).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python=${PYTHON:-python3}
+if ! "$python" -c "import torch" 2>/dev/null; then
+  "$python" -m pip install --quiet "${HARNESS_TORCH:-torch==2.13.0}"
+fi
+"$python" -m pip install --quiet -e '.[dev]'
+"$python" -c "import torch, deepspeed, transformers, datasets; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| datasets', datasets.__version__)" 2>/dev/null
