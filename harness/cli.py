@@ -1,12 +1,12 @@
 """The ``harness`` command line. Start-up stays fast: verbs import their heavy parts lazily.
 
-    harness show examples/tiny-cpu.yaml                 # resolved spec and derived batch numbers
-    harness config examples/tiny-cpu.yaml -o ds.json    # the DeepSpeed config
-    harness plan examples/llama-70b-slurm.yaml          # which layout fits and runs fastest
-    harness train examples/tiny-cpu.yaml                # train through the deepspeed launcher
-    harness export runs/tiny-cpu -o hf/                 # HF checkpoint from a run or checkpoint
-    harness generate hf/ --prompt "def "                # sample from an exported model
-    harness slurm examples/llama-70b-slurm.yaml --submit
+harness show examples/tiny-cpu.yaml                 # resolved spec and derived batch numbers
+harness config examples/tiny-cpu.yaml -o ds.json    # the DeepSpeed config
+harness plan examples/llama-70b-pipeline-slurm.yaml         # which layout fits and runs fastest
+harness train examples/tiny-cpu.yaml                # train through the deepspeed launcher
+harness export runs/tiny-cpu -o hf/                 # HF checkpoint from a run or checkpoint
+harness generate hf/ --prompt "def "                # sample from an exported model
+harness slurm examples/llama-70b-slurm.yaml --submit
 """
 
 from __future__ import annotations
@@ -76,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train through the deepspeed launcher (or a hostfile / Slurm)")
     _add_spec_args(p, world=False)
-    p.add_argument("--dry-run", action="store_true", help="print the launcher command and files; start nothing")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the launcher command and files; start nothing"
+    )
     p.set_defaults(func=_lazy("harness.launch.cli", "cmd_train"))
 
     p = sub.add_parser("slurm", help="render an sbatch script into the run directory (and submit it)")
@@ -187,8 +189,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
     for name, cfg in PRESETS.items():
         s = shape_of(cfg)
-        print(f"{name:14s} {cfg['model_type']:8s} layers={s['layers']:<3d} hidden={s['hidden']:<5d} "
-              f"heads={s['heads']}/{s['kv_heads']} vocab={s['vocab']}")
+        print(
+            f"{name:14s} {cfg['model_type']:8s} layers={s['layers']:<3d} hidden={s['hidden']:<5d} "
+            f"heads={s['heads']}/{s['kv_heads']} vocab={s['vocab']}"
+        )
     return 0
 
 

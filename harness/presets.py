@@ -78,7 +78,9 @@ def preset_config(name: str, overrides: dict[str, Any] | None = None) -> dict[st
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'? " if close else ""
-        raise SpecError("model.preset", name, f"{hint}use one of: {', '.join(PRESETS)}", reason="unknown preset")
+        raise SpecError(
+            "model.preset", name, f"{hint}use one of: {', '.join(PRESETS)}", reason="unknown preset"
+        )
     cfg = dict(PRESETS[name])
     cfg.update(overrides or {})
     return cfg
@@ -112,7 +114,9 @@ def shape_of(cfg: dict[str, Any]) -> dict[str, int]:
     }
 
 
-def model_config_dict(preset: str | None, name_or_path: str | None, overrides: dict[str, Any]) -> dict[str, Any] | None:
+def model_config_dict(
+    preset: str | None, name_or_path: str | None, overrides: dict[str, Any]
+) -> dict[str, Any] | None:
     """The HF config of the spec's model as a plain dict, without torch: a preset, or a local
     checkpoint's config.json. None for a hub name (its config is only known after download)."""
     import json

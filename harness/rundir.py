@@ -1,14 +1,14 @@
 """The run directory: what a launch writes before any rank starts, and where ranks find it.
 
-    <output_dir>/<name>/
-        spec.yaml            resolved run spec (every auto resolved, world size fixed)
-        ds_config.json       the DeepSpeed config compiled from it
-        launch/              launcher files (hostfile, env file, sbatch script)
-        checkpoints/<tag>/   DeepSpeed shards + harness per-rank state + COMPLETE marker
-        metrics.jsonl        one JSON object per logged step / evaluation
-        tb/                  TensorBoard scalars
-        status.json          rank 0's last word: {"state": "complete" | "preempted" | "failed", "step": N}
-        hf/                  HF export (checkpoint.export_hf)
+<output_dir>/<name>/
+    spec.yaml            resolved run spec (every auto resolved, world size fixed)
+    ds_config.json       the DeepSpeed config compiled from it
+    launch/              launcher files (hostfile, env file, sbatch script)
+    checkpoints/<tag>/   DeepSpeed shards + harness per-rank state + COMPLETE marker
+    metrics.jsonl        one JSON object per logged step / evaluation
+    tb/                  TensorBoard scalars
+    status.json          rank 0's last word: {"state": "complete" | "preempted" | "failed", "step": N}
+    hf/                  HF export (checkpoint.export_hf)
 """
 
 from __future__ import annotations
@@ -41,7 +41,9 @@ def run_dir_of(spec: RunSpec) -> Path:
     return (Path(spec.run.output_dir) / spec.run.name).resolve()
 
 
-def prepare_run_dir(spec: RunSpec, world_size: int | None = None, dry_run: bool = False) -> tuple[RunFiles, dict[str, Any], str]:
+def prepare_run_dir(
+    spec: RunSpec, world_size: int | None = None, dry_run: bool = False
+) -> tuple[RunFiles, dict[str, Any], str]:
     """Resolve and compile the spec for ``world_size`` ranks and write spec.yaml + ds_config.json.
 
     Returns the paths, the DeepSpeed config and the resolved spec's YAML. With ``dry_run`` nothing

@@ -69,7 +69,9 @@ class _StrictLoader(yaml.SafeLoader):
 # PyYAML follows YAML 1.1, where a float needs a dot: `lr: 1e-4` would load as the string '1e-4'.
 # Read exponent floats the YAML 1.2 way, as every user expects.
 _StrictLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"), list("-+0123456789")
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
 )
 
 
@@ -94,7 +96,9 @@ def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SpecError(source, type(data).__name__, "write the spec as a mapping of sections (run:, model:, ...)")
+        raise SpecError(
+            source, type(data).__name__, "write the spec as a mapping of sections (run:, model:, ...)"
+        )
     return data
 
 
@@ -109,7 +113,9 @@ def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
             key, sep, value = item.partition("=")
             if not sep or not key or "." not in key:
                 raise SpecError(
-                    "--set", item, "write overrides as section.key=value, e.g. --set train.steps=10 optimizer.lr=1e-4"
+                    "--set",
+                    item,
+                    "write overrides as section.key=value, e.g. --set train.steps=10 optimizer.lr=1e-4",
                 )
             out.append((key.strip(), parse_yaml(f"v: {value}", "--set").get("v") if value.strip() else ""))
     return out
@@ -150,14 +156,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
     return data
 
 
-def load_spec(path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None) -> RunSpec:
+def load_spec(
+    path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None
+) -> RunSpec:
     """Load, override and type-check a run spec. Raises SpecError(s) naming every problem."""
     if text is None:
         if path is None:
             raise SpecError("SPEC", None, "pass the path of a run spec YAML file")
         p = Path(path)
         if not p.is_file():
-            raise SpecError("SPEC", str(path), "pass the path of an existing run spec YAML file", "no such file")
+            raise SpecError(
+                "SPEC", str(path), "pass the path of an existing run spec YAML file", "no such file"
+            )
         try:
             text = p.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:

@@ -11,6 +11,8 @@ from harness.errors import SpecError, SpecErrors
 from harness.presets import PRESETS, model_config_dict, preset_config, shape_of
 from harness.spec import AUTO, RunSpec
 
+_SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
+
 
 def data_parallel_size(spec: RunSpec, world_size: int) -> int:
     """world / (pipeline_stages × tensor_parallel), after checking that it divides."""
@@ -47,7 +49,18 @@ def _positive(errors: list[SpecError], field: str, value: int | float, minimum: 
 def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
     e: list[SpecError] = []
     if world_size < 1:
-        e.append(SpecError("world_size", world_size, "use at least one rank (launch.nodes × launch.gpus_per_node)"))
+        e.append(
+            SpecError("world_size", world_size, "use at least one rank (launch.nodes × launch.gpus_per_node)")
+        )
+    if not _SAFE_NAME.fullmatch(spec.run.name):
+        e.append(
+            SpecError(
+                "run.name",
+                spec.run.name,
+                "use letters, digits, '.', '_' and '-' only, not starting with '.' or '-' "
+                "(it names a directory and a Slurm job)",
+            )
+        )
     _positive(e, "launch.nodes", spec.launch.nodes)
     _positive(e, "launch.gpus_per_node", spec.launch.gpus_per_node)
     _positive(e, "data.seq_len", spec.data.seq_len, 8)
@@ -61,9 +74,13 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
     _positive(e, "parallel.tensor_parallel", spec.parallel.tensor_parallel)
     _positive(e, "parallel.activation_checkpoint_interval", spec.parallel.activation_checkpoint_interval, 0)
     if not 1 <= spec.launch.master_port <= 65535:
-        e.append(SpecError("launch.master_port", spec.launch.master_port, "use a TCP port between 1 and 65535"))
+        e.append(
+            SpecError("launch.master_port", spec.launch.master_port, "use a TCP port between 1 and 65535")
+        )
     if not 0.0 <= spec.data.val_fraction < 0.5:
-        e.append(SpecError("data.val_fraction", spec.data.val_fraction, "use a fraction in [0, 0.5), e.g. 0.01"))
+        e.append(
+            SpecError("data.val_fraction", spec.data.val_fraction, "use a fraction in [0, 0.5), e.g. 0.01")
+        )
     opt = spec.optimizer
     if opt.lr <= 0:
         e.append(SpecError("optimizer.lr", opt.lr, "use a positive learning rate, e.g. 3e-4"))
@@ -81,7 +98,11 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
     part = spec.parallel.partition_method
     if part not in ("parameters", "uniform") and not part.startswith("type:"):
         e.append(
-            SpecError("parallel.partition_method", part, "use parameters, uniform or type:<regex> (e.g. type:DecoderLayer)")
+            SpecError(
+                "parallel.partition_method",
+                part,
+                "use parameters, uniform or type:<regex> (e.g. type:DecoderLayer)",
+            )
         )
     elif part.startswith("type:"):
         try:
@@ -292,13 +313,19 @@ def _precision(spec: RunSpec, world_size: int) -> list[SpecError]:
     pr = spec.precision
     if dtype == "fp16":
         if not 0 <= pr.initial_scale_power <= 32:
-            e.append(SpecError("precision.initial_scale_power", pr.initial_scale_power, "use 0-32 (16 is typical)"))
+            e.append(
+                SpecError("precision.initial_scale_power", pr.initial_scale_power, "use 0-32 (16 is typical)")
+            )
         _positive(e, "precision.loss_scale_window", pr.loss_scale_window)
         _positive(e, "precision.hysteresis", pr.hysteresis)
         if pr.min_loss_scale <= 0:
-            e.append(SpecError("precision.min_loss_scale", pr.min_loss_scale, "use a positive number, e.g. 1"))
+            e.append(
+                SpecError("precision.min_loss_scale", pr.min_loss_scale, "use a positive number, e.g. 1")
+            )
         if pr.loss_scale < 0:
-            e.append(SpecError("precision.loss_scale", pr.loss_scale, "use 0 (dynamic) or a positive fixed scale"))
+            e.append(
+                SpecError("precision.loss_scale", pr.loss_scale, "use 0 (dynamic) or a positive fixed scale")
+            )
     return e
 
 

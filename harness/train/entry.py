@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     deepspeed.init_distributed()
     rank = dist.get_rank()
+    _quiet_libraries(rank)
     try:
         from harness.train.loop import train
 
@@ -51,6 +52,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _quiet_libraries(rank: int) -> None:
+    """Keep the console to the harness's own lines: DeepSpeed's INFO chatter off (HARNESS_DS_LOG=info
+    restores it), and progress bars of datasets only on rank 0."""
+    import logging
+    import os
+
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(getattr(logging, os.environ.get("HARNESS_DS_LOG", "warning").upper(), logging.WARNING))
+    if rank != 0:
+        import datasets
+
+        datasets.disable_progress_bars()
 
 
 if __name__ == "__main__":
