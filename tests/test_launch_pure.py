@@ -297,10 +297,11 @@ def test_hostfile_world_size_mismatch_and_missing_hostfile(hostfile):
 def test_openmpi_command_forwards_names_not_values(hostfile):
     spec = spec_of("launch.launcher=openmpi", f"launch.hostfile={hostfile}", "launch.nodes=2",
                    "launch.gpus_per_node=1", "launch.master_addr=10.0.0.1", "launch.env=[HF_TOKEN]")  # fmt: skip
-    launch = build(spec, hostfile.read_text(), {"HF_TOKEN": SECRET}, as_root=True)
+    environ = {"HF_TOKEN": SECRET, "PYTHONPATH": "/p $(x)", "NCCL_DEBUG": "INFO", "OTHER": "x"}
+    launch = build(spec, hostfile.read_text(), environ, as_root=True)
     assert launch.cmd == [
         "mpirun", "-n", "2", "--hostfile", "/runs/r/launch/hostfile", "-x", ENV_FILE_VAR, "-x", "MASTER_ADDR",
-        "-x", "MASTER_PORT", PY, "-u", "-m", ENTRY_MODULE, "--run-dir", "/runs/r",
+        "-x", "MASTER_PORT", "-x", "NCCL_DEBUG", "-x", "PYTHONPATH", PY, "-u", "-m", ENTRY_MODULE, "--run-dir", "/runs/r",
     ]  # fmt: skip
     assert launch.set_env[ENV_FILE_VAR] == "/runs/r/launch/rank_env.json"
     assert launch.set_env["MASTER_ADDR"] == "10.0.0.1" and launch.set_env["OMPI_ALLOW_RUN_AS_ROOT"] == "1"
@@ -426,7 +427,7 @@ def test_sbatch_has_every_directive_each_under_a_comment():
     assert first_command > directives[-1][0]
     assert "srun --kill-on-bad-exit=1 --cpus-per-task=4" in script
     assert f'"$python" -u -m {ENTRY_MODULE} --run-dir "$run_dir" &' in script
-    assert "scontrol requeue" in script and "ssh" not in script and "hostfile" not in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in script and "ssh" not in script and "hostfile" not in script
 
 
 def test_sbatch_defaults_gres_off_no_requeue_and_fixed_master():
@@ -435,7 +436,7 @@ def test_sbatch_defaults_gres_off_no_requeue_and_fixed_master():
         run_dir="/runs/50%", python=PY,
     )  # fmt: skip
     assert "--gpus-per-node" not in script and "#SBATCH --no-requeue" in script
-    assert "scontrol requeue" not in script and "export MASTER_ADDR=10.1.1.1" in script
+    assert 'scontrol requeue "$SLURM_JOB_ID"' not in script and "export MASTER_ADDR=10.1.1.1" in script
     assert "#SBATCH --output=/runs/50%%/slurm-%j.out" in script  # '%' is a pattern character to Slurm
     assert "#SBATCH --job-name=tiny-cpu" in script
 
@@ -565,28 +566,42 @@ def test_script_removes_a_stale_status_and_fails_without_a_new_one(tmp_path, fak
         assert not (fake / "requeued").exists()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
-def test_signal_to_the_batch_shell_reaches_the_ranks_then_requeues(tmp_path, fake_slurm, sig):
-    env, fake = fake_slurm
-    proc, run_dir = start_script(tmp_path, env, "wait")
+def wait_started(proc, fake: Path) -> None:
     deadline = time.monotonic() + 30
     while not (fake / "srun.started").exists():
         assert time.monotonic() < deadline and proc.poll() is None, "fake srun never started"
         time.sleep(0.05)
-    proc.send_signal(sig)
+
+
+def test_usr1_to_the_batch_shell_reaches_the_ranks_then_requeues(tmp_path, fake_slurm):
+    env, fake = fake_slurm
+    proc, run_dir = start_script(tmp_path, env, "wait")
+    wait_started(proc, fake)
+    proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     assert (fake / "srun.signals").read_text() == "USR1\n"
     assert (fake / "requeued").read_text() == "42\n"
     assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
-    assert f"SIG{sig.name[3:]} received" in out and "requeueing job 42" in out
+    assert "SIGUSR1 received" in out and "requeueing job 42" in out
+
+
+def test_term_from_slurm_checkpoints_and_leaves_the_requeue_to_slurm(tmp_path, fake_slurm):
+    env, fake = fake_slurm
+    proc, run_dir = start_script(tmp_path, env, "wait")
+    wait_started(proc, fake)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert (fake / "srun.signals").read_text() == "USR1\n" and not (fake / "requeued").exists()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+    assert "SIGTERM received" in out and "Slurm is ending this attempt" in out
 
 
 def test_without_requeue_a_preempted_run_just_stops(tmp_path, fake_slurm):
     env, fake = fake_slurm
     proc, _ = start_script(tmp_path, env, "wait", "v", "launch.slurm.requeue=false")
-    while not (fake / "srun.started").exists():
-        time.sleep(0.05)
+    wait_started(proc, fake)
     proc.send_signal(signal.SIGUSR1)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0 and not (fake / "requeued").exists() and "requeue is off" in out

@@ -12,7 +12,7 @@ the spec, the run directory, the environment and the hostfile text and returns a
              env: DS_ENV_FILE=D/launch/deepspeed_env, a file holding one line,
                   HARNESS_ENV_FILE=D/launch/rank_env.json (values live only in that 0600 JSON file)
     openmpi  mpirun -n W --hostfile D/launch/hostfile -x HARNESS_ENV_FILE -x MASTER_ADDR -x MASTER_PORT
-                 python -u -m harness.train.entry --run-dir D
+                 [-x PYTHONPATH ...] python -u -m harness.train.entry --run-dir D
 
 The PDSH runner pastes its arguments, its working directory and DS_ENV_FILE lines *unquoted* into the
 remote shell string (``export K=V; cd CWD; python ... --run-dir D``), so those must be plain tokens
@@ -163,6 +163,7 @@ def openmpi_launch(
     master_port: int,
     hostfile_text: str,
     env_values: dict[str, str],
+    environ: Mapping[str, str],
     as_root: bool,
     cwd: str,
 ) -> Launch:
@@ -171,8 +172,11 @@ def openmpi_launch(
     launch_dir = f"{run_dir}/launch"
     env_file = f"{launch_dir}/{ENV_FILE_NAME}"
     hostfile = f"{launch_dir}/{HOSTFILE_NAME}"
-    # `-x NAME` forwards NAME's value from mpirun's environment: the value never enters argv.
+    # `-x NAME` forwards NAME's value from mpirun's environment: the value never enters argv. Like
+    # DeepSpeed's runners, pass on what the interpreter reads before any env file is loaded (PYTHON*)
+    # and the communication libraries' knobs (NCCL*, UCX*, ...).
     forwarded = [ENV_FILE_VAR, "MASTER_ADDR", "MASTER_PORT"]
+    forwarded += sorted(n for n in environ if n.startswith(RUNNER_FORWARDED_PREFIXES) and n not in env_values)
     cmd = ["mpirun", "-n", str(world_size), "--hostfile", hostfile]
     for name in forwarded:
         cmd += ["-x", name]
@@ -257,7 +261,7 @@ def build_launch(
             )  # fmt: skip
         launch = openmpi_launch(
             python=python, run_dir=run_dir, world_size=world, master_addr=master_addr, master_port=ls.master_port,
-            hostfile_text=canonical, env_values=values, as_root=as_root, cwd=cwd,
+            hostfile_text=canonical, env_values=values, environ=environ, as_root=as_root, cwd=cwd,
         )  # fmt: skip
     if missing:
         launch = _with_missing(launch, missing)
