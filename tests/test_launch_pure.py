@@ -683,15 +683,31 @@ def test_cli_user_errors_exit_2_with_the_line_number(tmp_path):
     assert out.returncode == 2 and "cannot read it" in out.stderr
 
 
-def test_cli_run_name_injection(tmp_path, hostfile):
-    name = "run $(touch PWNED) `id`; 'q'"
-    common = ["--dry-run", "--set", f"run.output_dir={tmp_path}", f"run.name={json.dumps(name)}"]
+def test_cli_injection_in_run_name_and_output_dir(tmp_path, hostfile):
+    value = "run $(touch PWNED) `id`; 'q'"
+    multi = [
+        "launch.launcher=pdsh",
+        f"launch.hostfile={hostfile}",
+        "launch.nodes=2",
+        "launch.gpus_per_node=1",
+    ]
+    # run.name: refused by the spec for every launcher (it names a directory and a Slurm job)
+    for more in ([], multi, ["launch.launcher=slurm"]):
+        out = run_cli(
+            "train", TINY, "--dry-run", "--set", f"run.name={json.dumps(value)}", *more, cwd=tmp_path
+        )
+        assert out.returncode == 2 and "run.name" in out.stderr and "Traceback" not in out.stderr
+    # run.output_dir: byte for byte where the harness quotes it, refused where DeepSpeed's PDSH runner would not
+    out_dir = tmp_path / value
+    common = ["--dry-run", "--set", f"run.output_dir={json.dumps(str(out_dir))}"]
     out = run_cli("train", TINY, *common, cwd=tmp_path)
-    assert out.returncode == 0 and quote("x", str(tmp_path / name)) in out.stdout
-    out = run_cli("train", TINY, *common, "launch.launcher=pdsh", f"launch.hostfile={hostfile}", "launch.nodes=2",
-                  "launch.gpus_per_node=1", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0 and quote("x", f"{out_dir}/tiny-cpu") in out.stdout
+    out = run_cli("train", TINY, *common, "launch.launcher=slurm", cwd=tmp_path)
+    assert out.returncode == 0 and f"run_dir={quote('x', f'{out_dir}/tiny-cpu')}" in out.stdout
+    out = run_cli("train", TINY, *common, *multi, cwd=tmp_path)
     assert out.returncode == 2 and "run.output_dir / run.name" in out.stderr
-    out = run_cli("train", TINY, "--set", f"run.name={json.dumps('a' + chr(10) + 'b')}", cwd=tmp_path)
+    assert not out_dir.exists()
+    out = run_cli("train", TINY, "--set", f"run.output_dir={json.dumps('a' + chr(10) + 'b')}", cwd=tmp_path)
     assert out.returncode == 2 and "control character" in out.stderr
 
 
