@@ -712,8 +712,11 @@ def test_cli_injection_in_run_name_and_output_dir(tmp_path, hostfile):
 
 
 def test_harness_slurm_writes_the_script_into_the_run_directory(tmp_path):
-    out = run_cli("slurm", TINY, "--set", f"run.output_dir={tmp_path}", "run.name=s", cwd=tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "NOT_SET_HERE"}
+    out = run_cli("slurm", TINY, "--set", f"run.output_dir={tmp_path}", "run.name=s", "launch.env=[NOT_SET_HERE]",
+                  env=env, cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr
+    assert "NOT_SET_HERE, not set in this shell" in out.stderr
     script = tmp_path / "s" / "launch" / "job.sbatch"
     assert f"wrote {script}" in out.stdout and (tmp_path / "s" / "spec.yaml").is_file()
     assert f"run_dir={tmp_path}/s" in script.read_text()

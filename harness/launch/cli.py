@@ -23,7 +23,7 @@ from pathlib import Path
 
 from harness.errors import SpecError
 from harness.launch.commands import Launch, build_launch
-from harness.launch.envfile import masked, remove_env_file, write_env_file
+from harness.launch.envfile import collect_env, masked, remove_env_file, write_env_file
 from harness.launch.shell import join
 from harness.launch.slurm import default_script_path, render_sbatch
 
@@ -164,6 +164,11 @@ def _slurm(spec, source: str, *, write: bool, submit: bool) -> int:
         spec = dataclasses.replace(spec, launch=dataclasses.replace(spec.launch, launcher="slurm"))
     run_dir = str(run_dir_of(spec))
     script = render_sbatch(spec, run_dir=run_dir, python=sys.executable, source=source)
+    _, missing = collect_env(spec.launch.env, os.environ)  # Slurm carries them: they must be set at submit
+    if missing:
+        _say(
+            f"launch.env lists {', '.join(missing)}, not set in this shell: the job's ranks will not get them"
+        )
     path = default_script_path(run_dir)
     prepare_run_dir(spec, spec.world_size, dry_run=not write)
     if not write:
