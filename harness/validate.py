@@ -173,7 +173,16 @@ def _model(spec: RunSpec, world_size: int) -> list[SpecError]:
                 reason="more pipeline stages than layers",
             )
         )
-    if tp > 1:
+    if tp > 1 and cfg.get("model_type") in AUTOTP_UNSUPPORTED:
+        e.append(
+            SpecError(
+                "parallel.tensor_parallel",
+                tp,
+                "use tensor_parallel: 1 for this model (pipeline_stages or ZeRO 3 split it instead)",
+                reason=f"DeepSpeed's AutoTP does not support the {cfg['model_type']} family",
+            )
+        )
+    elif tp > 1:
         for key in ("heads", "kv_heads"):
             if shape[key] % tp:
                 e.append(
@@ -187,6 +196,10 @@ def _model(spec: RunSpec, world_size: int) -> list[SpecError]:
                 )
     return e
 
+
+# Model types DeepSpeed's AutoTP refuses (deepspeed.module_inject.auto_tp.AutoTP.supported, 0.19):
+# it asks for kernel injection instead, which is inference-only.
+AUTOTP_UNSUPPORTED = frozenset({"deberta", "flaubert", "fsmt", "gpt2", "led", "longformer", "xlm", "xlnet"})
 
 # HF config keys that shape_of reads (GPT-2 and Llama-style names).
 _SHAPE_KEYS = {

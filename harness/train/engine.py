@@ -93,6 +93,19 @@ def peak_flops_per_rank(spec: RunSpec) -> float | None:
         return None
 
 
+def optimizer_args(spec: RunSpec, net: torch.nn.Module) -> tuple[torch.optim.Optimizer | None, Any]:
+    """(client optimizer, model_parameters) for ``deepspeed.initialize``: a torch optimizer over the
+    decay/no-decay groups for ``optimizer.impl: torch``, else the groups for DeepSpeed's configured one."""
+    params: Any = param_groups(net, spec.optimizer.weight_decay)
+    if spec.optimizer.impl != "torch":
+        return None, params
+    opt_cls = torch.optim.AdamW if spec.optimizer.name == "adamw" else torch.optim.Adam
+    optimizer = opt_cls(
+        params, lr=spec.optimizer.lr, betas=tuple(spec.optimizer.betas), eps=spec.optimizer.eps
+    )
+    return optimizer, None
+
+
 def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
     """Build the model (partitioned at init under ZeRO 3) and wrap it in a DeepSpeed engine."""
     if spec.parallel.pipeline_stages > 1:
@@ -104,16 +117,14 @@ def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | Non
 
     net = build_model(spec.model, ds_config, vocab_size)
     flops = _flops(spec, net, vocab_size)
-    optimizer = None
-    params: Any = param_groups(net, spec.optimizer.weight_decay)
-    if spec.optimizer.impl == "torch":
-        opt_cls = torch.optim.AdamW if spec.optimizer.name == "adamw" else torch.optim.Adam
-        optimizer = opt_cls(
-            params, lr=spec.optimizer.lr, betas=tuple(spec.optimizer.betas), eps=spec.optimizer.eps
-        )
-        params = None
+    optimizer, params = optimizer_args(spec, net)
+    mpu = None
+    if spec.parallel.tensor_parallel > 1:
+        from harness.train.tensor_parallel import tensor_parallel_mpu
+
+        mpu = tensor_parallel_mpu(spec.parallel.tensor_parallel)
     engine, _, _, _ = deepspeed.initialize(
-        model=net, optimizer=optimizer, model_parameters=params, config=ds_config
+        model=net, optimizer=optimizer, model_parameters=params, config=ds_config, mpu=mpu
     )
     device = torch.device(get_accelerator().current_device_name())
     return RunEngine(
