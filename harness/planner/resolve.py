@@ -1,0 +1,104 @@
+"""Resolve ``auto`` spec fields through the planner: the fastest layout that fits, with the spec's
+concrete fields held fixed.
+
+``harness.dsconfig.resolve_layout`` calls :func:`resolve_auto` whenever ``parallel.zero_stage`` or a
+batch field says ``auto``; ``harness show``, ``config`` and ``train`` therefore all see the same
+resolved numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from harness.errors import SpecError
+from harness.planner.devices import GIB
+from harness.planner.search import PlanResult, SearchSpace, context_from_spec, search
+from harness.spec import AUTO, RunSpec
+
+
+def auto_fields(spec: RunSpec) -> list[str]:
+    """Names of the spec fields that say ``auto``."""
+    b = spec.batch
+    fields = [("parallel.zero_stage", spec.parallel.zero_stage)]
+    fields += [(f"batch.{n}", getattr(b, n)) for n in ("global_batch_size", "micro_batch_size", "grad_accum")]
+    return [name for name, value in fields if value == AUTO]
+
+
+def space_for_spec(spec: RunSpec, world_size: int) -> SearchSpace:
+    """The search space that varies only the spec's ``auto`` fields."""
+    p, b = spec.parallel, spec.batch
+    dp = world_size // max(1, p.pipeline_stages * p.tensor_parallel)
+    if b.global_batch_tokens is not None:
+        global_batch: int | None = b.global_batch_tokens // spec.data.seq_len
+    elif isinstance(b.global_batch_size, int):
+        global_batch = b.global_batch_size
+    elif isinstance(b.micro_batch_size, int) and isinstance(b.grad_accum, int):
+        global_batch = b.micro_batch_size * b.grad_accum * dp
+    else:
+        global_batch = None
+    micro = b.micro_batch_size if isinstance(b.micro_batch_size, int) else None
+    accum = b.grad_accum if isinstance(b.grad_accum, int) else None
+    if global_batch is None and micro is not None and accum is None and b.grad_accum is None:
+        accum = 1  # only a micro batch given: the batch solver's default accumulation
+    checkpointing = spec.model.gradient_checkpointing or p.activation_checkpoint_interval > 0
+    return SearchSpace(
+        zero_stages=(0, 1, 2, 3) if p.zero_stage == AUTO else (int(p.zero_stage),),
+        offload_optimizer=(p.offload_optimizer,),
+        offload_params=(p.offload_params,),
+        pipeline_stages=(p.pipeline_stages,),
+        tensor_parallel=(p.tensor_parallel,),
+        checkpointing=(checkpointing,),
+        global_batch=global_batch,
+        micro_batch=micro,
+        grad_accum=accum,
+    )
+
+
+def resolve_auto(spec: RunSpec, world_size: int) -> RunSpec:
+    """A copy of ``spec`` with every ``auto`` replaced by the planner's choice for ``world_size`` ranks.
+
+    Raises SpecError naming the auto field and what to change when no layout fits.
+    """
+    names = auto_fields(spec)
+    if not names:
+        return spec
+    result = search(context_from_spec(spec, world_size), space_for_spec(spec, world_size))
+    best = result.best
+    if best is None:
+        raise _nothing_fits(names, result)
+    lay = best.layout
+    parallel = spec.parallel
+    if parallel.zero_stage == AUTO:
+        parallel = replace(parallel, zero_stage=lay.zero_stage)
+    b = spec.batch
+    # Concrete fields were held fixed by the search, so writing all three keeps them and stays consistent.
+    total = lay.micro_batch_size * lay.grad_accum * lay.data_parallel(world_size)
+    batch = replace(
+        b,
+        micro_batch_size=lay.micro_batch_size,
+        grad_accum=lay.grad_accum,
+        global_batch_size=total if b.global_batch_size == AUTO else b.global_batch_size,
+    )
+    return replace(spec, parallel=parallel, batch=batch)
+
+
+def _nothing_fits(names: list[str], result: PlanResult) -> SpecError:
+    ctx = result.context
+    if not result.evaluated:
+        return SpecError(
+            names[0],
+            AUTO,
+            f"make the global batch ({result.space.global_batch} samples) a multiple of the data-parallel "
+            f"size, or set the batch sizes explicitly",
+            reason="no micro batch × accumulation split matches the global batch",
+        )
+    smallest = min(result.rejected, key=lambda c: c.memory.total)
+    usable = smallest.memory.capacity / GIB
+    return SpecError(
+        names[0],
+        AUTO,
+        f"nothing fits {ctx.device.name} ({usable:.1f} GiB usable per GPU); the smallest candidate "
+        f"({smallest.layout.short()}) {smallest.memory.why_not()}. Turn on model.gradient_checkpointing, "
+        f"set parallel.offload_optimizer: cpu, shorten data.seq_len, or add launch.nodes",
+        reason=f"no layout for the {', '.join(names)} field(s) fits in memory",
+    )

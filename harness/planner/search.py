@@ -1,0 +1,232 @@
+"""Enumerate layouts that meet the world size and the global batch, drop what does not fit, rank the rest.
+
+A layout is ZeRO stage × optimizer offload × parameter offload × pipeline stages × tensor parallel ×
+micro batch × accumulation × activation checkpointing. Every candidate gets a memory estimate; the
+ones over budget are kept aside (counted, the fastest reported) and never returned as plans.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from itertools import product
+
+from harness.errors import SpecError
+from harness.planner.devices import get_device
+from harness.planner.layout import Context, Layout
+from harness.planner.memory import MemoryEstimate, estimate_memory
+from harness.planner.modelstats import model_stats
+from harness.planner.speed import SpeedEstimate, estimate_speed
+from harness.presets import model_config_dict
+from harness.spec import AUTO, RunSpec
+
+_LOG_TIE = math.log(1.005)
+MAX_FREE_MICRO_BATCH = 64
+"""Largest micro batch tried when the global batch is free (``auto``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One evaluated layout."""
+
+    layout: Layout
+    memory: MemoryEstimate
+    speed: SpeedEstimate
+
+    @property
+    def fits(self) -> bool:
+        """Within the device and host memory budgets."""
+        return self.memory.fits
+
+
+@dataclass(frozen=True, kw_only=True)
+class SearchSpace:
+    """The values each layout dimension may take (None: free, the planner chooses)."""
+
+    zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+    offload_optimizer: tuple[str, ...] = ("none", "cpu")
+    offload_params: tuple[str, ...] = ("none", "cpu")
+    pipeline_stages: tuple[int, ...] | None = None
+    tensor_parallel: tuple[int, ...] | None = None
+    checkpointing: tuple[bool, ...] = (False, True)
+    global_batch: int | None = None
+    """Target samples per optimizer step; None lets micro × accumulation × d float."""
+    micro_batch: int | None = None
+    """A fixed micro batch, or None to search."""
+    grad_accum: int | None = None
+    """A fixed accumulation, or None to search."""
+
+
+@dataclass(kw_only=True)
+class PlanResult:
+    """The ranked plans and what was left out."""
+
+    context: Context
+    space: SearchSpace
+    plans: list[Candidate]
+    """Candidates that fit, fastest first."""
+    rejected: list[Candidate]
+    """Candidates over the memory budget, fastest first."""
+    evaluated: int
+    elapsed_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def best(self) -> Candidate | None:
+        """The winner, or None when nothing fits."""
+        return self.plans[0] if self.plans else None
+
+
+def context_from_spec(spec: RunSpec, world_size: int) -> Context:
+    """The fixed part of a plan, read from the spec (model shape, sequence, dtype, cluster)."""
+    cfg = model_config_dict(spec.model.preset, spec.model.name_or_path, spec.model.overrides)
+    if cfg is None:
+        raise SpecError(
+            "model.name_or_path",
+            spec.model.name_or_path,
+            "plan with a model.preset or a local checkpoint directory holding config.json "
+            "(the planner reads the shape without downloading)",
+            reason="the model's config is not available offline",
+        )
+    device = get_device(spec.launch.gpu)
+    gpus_per_node = spec.launch.gpus_per_node
+    nodes = spec.launch.nodes
+    if nodes * gpus_per_node != world_size:  # --world-size overrides the launch section
+        nodes, gpus_per_node = max(1, world_size // gpus_per_node), min(gpus_per_node, world_size)
+        if nodes * gpus_per_node != world_size:
+            nodes, gpus_per_node = 1, world_size
+    dropout = cfg.get("model_type") == "gpt2" and float(cfg.get("resid_pdrop", 0.1)) > 0
+    method = spec.parallel.partition_method
+    return Context(
+        stats=model_stats(cfg),
+        seq_len=spec.data.seq_len,
+        dtype=spec.precision.dtype,
+        device=device,
+        nodes=nodes,
+        gpus_per_node=gpus_per_node,
+        attn_implementation=spec.model.attn_implementation,
+        dropout=dropout,
+        partition_method="parameters" if method == "parameters" else "uniform",
+    )
+
+
+def target_global_batch(spec: RunSpec, dp_of_spec: int) -> int | None:
+    """Samples per step the spec asks for; None when the batch is left to the planner."""
+    b = spec.batch
+    if b.global_batch_tokens is not None:
+        return b.global_batch_tokens // spec.data.seq_len
+    if isinstance(b.global_batch_size, int):
+        return b.global_batch_size
+    if b.global_batch_size == AUTO or AUTO in (b.micro_batch_size, b.grad_accum):
+        return None
+    return (b.micro_batch_size or 1) * (b.grad_accum or 1) * dp_of_spec
+
+
+def _divisors(n: int) -> list[int]:
+    return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def _model_parallel_options(ctx: Context, space: SearchSpace) -> list[tuple[int, int]]:
+    st, world = ctx.stats, ctx.world_size
+    pps = space.pipeline_stages or tuple(k for k in _divisors(world) if k <= st.layers)
+    tps = space.tensor_parallel or tuple(
+        k for k in _divisors(ctx.gpus_per_node) if st.heads % k == 0 and st.kv_heads % k == 0
+    )
+    # DeepSpeed: AutoTP does not run inside pipeline stages (harness.validate refuses the mix).
+    return [(pp, tp) for pp in pps for tp in tps if world % (pp * tp) == 0 and (pp == 1 or tp == 1)]
+
+
+def _batch_splits(space: SearchSpace, dp: int, pp: int) -> list[tuple[int, int]]:
+    """(micro, accumulation) pairs for one data-parallel degree."""
+    if space.global_batch is not None:
+        if space.global_batch % dp:
+            return []
+        per_replica = space.global_batch // dp
+        micros = [space.micro_batch] if space.micro_batch else _divisors(per_replica)
+        return [(mb, per_replica // mb) for mb in micros if per_replica % mb == 0]
+    micros = (
+        [space.micro_batch] if space.micro_batch else [2**i for i in range(7) if 2**i <= MAX_FREE_MICRO_BATCH]
+    )
+    # A pipeline needs several micro-batches in flight; otherwise one is the fastest.
+    accums = [space.grad_accum] if space.grad_accum else [1] if pp == 1 else [pp, 2 * pp, 4 * pp]
+    return [(mb, ga) for mb in micros for ga in accums]
+
+
+def enumerate_layouts(ctx: Context, space: SearchSpace) -> list[Layout]:
+    """Every layout the rules allow: ZeRO 2/3 not under pipelines, ZeRO 3 not under AutoTP, offload
+    only with ZeRO, parameter offload only with ZeRO 3 (the same rules harness.validate enforces)."""
+    layouts: list[Layout] = []
+    for pp, tp in _model_parallel_options(ctx, space):
+        dp = ctx.world_size // (pp * tp)
+        splits = _batch_splits(space, dp, pp)
+        if not splits:
+            continue
+        for z, off, offp, ckpt in product(
+            space.zero_stages, space.offload_optimizer, space.offload_params, space.checkpointing
+        ):
+            if (pp > 1 and z > 1) or (tp > 1 and z == 3):
+                continue
+            if (z == 0 and off != "none") or (z != 3 and offp != "none") or (off == "nvme" and z != 3):
+                continue
+            for mb, ga in splits:
+                layouts.append(
+                    Layout(
+                        zero_stage=z,
+                        offload_optimizer=off,
+                        offload_params=offp,
+                        pipeline_stages=pp,
+                        tensor_parallel=tp,
+                        micro_batch_size=mb,
+                        grad_accum=ga,
+                        checkpointing=ckpt,
+                    )
+                )
+    return layouts
+
+
+def _rank_key(c: Candidate) -> tuple[int, int, float]:
+    """Fastest first; near-ties (0.5 %) go to the simpler layout (fewer techniques), then the smaller
+    device footprint."""
+    techniques = (
+        (c.layout.offload_optimizer != "none")
+        + (c.layout.offload_params != "none")
+        + c.layout.checkpointing
+        + (c.layout.pipeline_stages > 1)
+        + (c.layout.tensor_parallel > 1)
+    )
+    return (-_speed_bucket(c.speed.tokens_per_s), techniques, c.memory.total)
+
+
+def _speed_bucket(tokens_per_s: float) -> int:
+    """Throughput on a 0.5 % log grid, so near-equal speeds compare equal."""
+    return math.floor(math.log(max(tokens_per_s, 1e-9)) / _LOG_TIE)
+
+
+def search(ctx: Context, space: SearchSpace) -> PlanResult:
+    """Evaluate every layout in ``space``; fitting ones ranked by predicted tokens/s."""
+    start = time.perf_counter()
+    plans: list[Candidate] = []
+    rejected: list[Candidate] = []
+    layouts = enumerate_layouts(ctx, space)
+    for layout in layouts:
+        cand = Candidate(layout, estimate_memory(ctx, layout), estimate_speed(ctx, layout))
+        (plans if cand.fits else rejected).append(cand)
+    plans.sort(key=_rank_key)
+    rejected.sort(key=lambda c: -c.speed.tokens_per_s)
+    notes = []
+    if space.global_batch is not None and not layouts:
+        notes.append(
+            f"no layout divides the global batch of {space.global_batch} samples over the data-parallel ranks"
+        )
+    if not ctx.device.bf16 and ctx.dtype == "bf16":
+        notes.append(f"{ctx.device.name} has no bf16 tensor cores: use precision: fp16 there")
+    return PlanResult(
+        context=ctx,
+        space=space,
+        plans=plans,
+        rejected=rejected,
+        evaluated=len(layouts),
+        elapsed_s=time.perf_counter() - start,
+        notes=notes,
+    )

@@ -1,0 +1,192 @@
+"""Predicted step time, tokens/s and MFU of a layout: compute, ZeRO and tensor-parallel communication,
+pipeline bubble and offload traffic. Pure arithmetic; every constant below is an assumption stated in
+docs/planner.md and checked against published numbers there.
+
+FLOPs per token (PaLM, Chowdhery et al. 2022, App. B): ``6·N + 12·L·(a·d)·s`` with N the parameters
+that take part in a matmul (embedding lookups excluded). Activation checkpointing recomputes the
+forward: hardware FLOPs are 4/3 of that.
+
+Communication per rank per optimizer step (ZeRO paper Sec. 7, ring collectives move (d-1)/d of the
+buffer per rank, 16-bit elements, Ψ = the rank's model-parallel parameters):
+
+- ZeRO 0: one all-reduce at the accumulation boundary, 2Ψ;
+- ZeRO 1: reduce-scatter at the boundary Ψ + parameter all-gather after the step Ψ;
+- ZeRO 2: reduce-scatter every micro-step (gradients are partitioned as they are produced) Ψ·m + Ψ;
+- ZeRO 3: all-gather in forward and again in backward plus reduce-scatter, every micro-step: 3Ψ·m.
+
+Stage 2 overlaps its reduce-scatter with backward (``overlap_comm``), stage 3 overlaps gathers with
+forward and backward (prefetch); stages 0 and 1 reduce after backward, exposed. Tensor parallelism
+all-reduces the layer output twice forward and twice backward per layer (Megatron), exposed. The
+pipeline runs (m + p - 1) micro-batch slots of its slowest stage: bubble (p-1)/(m+p-1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from harness.planner.devices import Device
+from harness.planner.layout import Context, Layout
+from harness.planner.memory import shards_of
+from harness.planner.modelstats import ModelStats, stats_from_shape
+
+COMM_EFFICIENCY = 0.70
+"""Fraction of link bandwidth a large NCCL ring collective reaches (bus bandwidth / link bandwidth)."""
+OVERLAP_EFFICIENCY = 0.80
+"""Fraction of the compute window that overlapped communication can actually hide behind."""
+HOST_LINK_EFFICIENCY = 0.80
+"""Fraction of the PCIe bandwidth offload copies reach (pinned memory)."""
+CPU_ADAM_ELEMS_PER_S_PER_NODE = 2.0e9
+"""DeepSpeed CPU Adam throughput per node (memory-bound: ~32 bytes read+written per element)."""
+GEMM_TOKENS_HALF = 128
+"""Tokens per micro-batch at which matmul efficiency is half its asymptote (small-M GEMMs)."""
+GEMM_WIDTH_HALF = 128
+"""Hidden width per tensor-parallel rank at which matmul efficiency is half its asymptote."""
+
+
+def flops_per_token(shape: Mapping[str, int] | ModelStats, seq_len: int) -> float:
+    """Model FLOPs per trained token, 6N + 12·L·(a·d)·s (PaLM's MFU convention; no recompute).
+
+    ``shape`` is a ``harness.presets.shape_of`` dict or a :class:`ModelStats`. Pure; no torch.
+    """
+    stats = shape if isinstance(shape, ModelStats) else stats_from_shape(dict(shape))
+    return 6.0 * stats.matmul_params + 12.0 * stats.layers * stats.heads * stats.head_dim * seq_len
+
+
+@dataclass(frozen=True, slots=True)
+class SpeedEstimate:
+    """Predicted time of one optimizer step and what it is made of (seconds per step)."""
+
+    compute_s: float
+    """Forward + backward (+ recompute) of all micro-batches, without the pipeline bubble."""
+    bubble_s: float
+    """Pipeline fill and drain: (p-1) idle micro-batch slots."""
+    dp_comm_s: float
+    """Exposed data-parallel (ZeRO) communication."""
+    tp_comm_s: float
+    """Tensor-parallel all-reduces (not overlapped)."""
+    pp_comm_s: float
+    """Pipeline activation sends between stages."""
+    offload_s: float
+    """Host-device copies and the CPU optimizer step."""
+    optimizer_s: float
+    """The on-device optimizer step (memory-bound)."""
+    step_s: float
+    """Predicted optimizer-step time."""
+    tokens_per_s: float
+    """Global tokens per second."""
+    mfu: float | None
+    """Model FLOPs utilization (None where the device has no peak: CPU ranks)."""
+    dp_bytes: float
+    """Bytes each rank sends in ZeRO collectives per step."""
+
+
+def _efficiency(dev: Device, ctx: Context, layout: Layout) -> float:
+    tokens = layout.micro_batch_size * ctx.seq_len
+    width = ctx.stats.hidden / layout.tensor_parallel
+    return (
+        dev.train_efficiency
+        * tokens
+        / (tokens + GEMM_TOKENS_HALF)
+        * width
+        / (width + GEMM_WIDTH_HALF)
+        / (1.0 / (1 + GEMM_TOKENS_HALF / 8192) / (1 + GEMM_WIDTH_HALF / 4096))
+    )
+
+
+def _ring_bw(ctx: Context, group: int, stride: int) -> float:
+    """Bandwidth a ring over ``group`` ranks spaced ``stride`` apart gets: the network if it leaves the
+    node, NVLink/PCIe inside it."""
+    dev = ctx.device
+    inside = group * stride <= ctx.gpus_per_node
+    return (dev.intra_node_bytes_per_s if inside else dev.inter_node_bytes_per_s) * COMM_EFFICIENCY
+
+
+def estimate_speed(ctx: Context, layout: Layout) -> SpeedEstimate:
+    """Step time, tokens/s and MFU of ``layout`` (assumptions in the module docstring)."""
+    st, dev = ctx.stats, ctx.device
+    p, t, m, b = layout.pipeline_stages, layout.tensor_parallel, layout.grad_accum, layout.micro_batch_size
+    d = layout.data_parallel(ctx.world_size)
+    s, w = ctx.seq_len, ctx.lp_bytes
+    tokens_micro = b * s
+    tokens_step = tokens_micro * m * d
+    recompute = 4.0 / 3.0 if layout.checkpointing else 1.0
+    rate = dev.compute_flops * _efficiency(dev, ctx, layout)
+
+    attn_per_layer = 12.0 * st.heads * st.head_dim * s
+    layer_flops = 6.0 * st.layer_params + attn_per_layer
+    head_flops = 6.0 * (st.lm_head_params or (st.vocab * st.hidden if st.tied else 0))
+    shards = shards_of(ctx, layout)
+    if p > 1:
+        key = ("stage_flops", p)
+        if key not in ctx.cache:
+            ctx.cache[key] = max(
+                sh.layers * layer_flops + (head_flops if sh.has_head else 0.0) for sh in shards
+            )
+        stage_flops = ctx.cache[key]
+    else:  # under TP the decoder layers split t ways; the head is replicated on every TP rank
+        stage_flops = st.layers * layer_flops / t + head_flops
+    micro_s = tokens_micro * stage_flops * recompute / rate
+    if layout.zero_stage == 0 and ctx.dtype == "bf16":
+        micro_s *= dev.stage0_bf16_slowdown
+    compute_s = m * micro_s
+    bubble_s = (p - 1) * micro_s
+
+    psi = max(sh.params for sh in shards)
+    ring = (d - 1) / d if d > 1 else 0.0
+    bw_dp = _ring_bw(ctx, d, t)
+    z = layout.zero_stage
+    if z in (0, 1):
+        dp_bytes = 2 * ring * w * psi
+        exposed = dp_bytes / bw_dp
+    elif z == 2:
+        rs = ring * w * psi / bw_dp
+        hidden = OVERLAP_EFFICIENCY * (2.0 / 3.0) * micro_s
+        dp_bytes = (m + 1) * ring * w * psi
+        exposed = m * max(0.0, rs - hidden) + ring * w * psi / bw_dp
+    else:
+        per_micro = 3 * ring * w * psi / bw_dp
+        dp_bytes = 3 * m * ring * w * psi
+        exposed = m * max(0.0, per_micro - OVERLAP_EFFICIENCY * micro_s)
+
+    tp_comm_s = 0.0
+    if t > 1:
+        allreduces = (6 if layout.checkpointing else 4) * st.layers
+        tp_comm_s = m * allreduces * 2 * (t - 1) / t * w * tokens_micro * st.hidden / _ring_bw(ctx, t, 1)
+
+    pp_comm_s = 0.0
+    if p > 1:
+        crosses = d * t * 2 > ctx.gpus_per_node  # neighbouring stages sit on different nodes
+        bw = (dev.inter_node_bytes_per_s if crosses else dev.intra_node_bytes_per_s) * COMM_EFFICIENCY
+        pp_comm_s = (m + p - 1) * 2 * w * tokens_micro * st.hidden / bw
+
+    part = psi / d if z >= 1 else psi
+    offload_s = 0.0
+    host_bw = dev.host_link_bytes_per_s * HOST_LINK_EFFICIENCY
+    if layout.offload_optimizer != "none":
+        copies = (m + 1) * w * part  # gradients down every micro-step, parameters up once
+        offload_s += copies / host_bw + part * ctx.gpus_per_node / CPU_ADAM_ELEMS_PER_S_PER_NODE
+        optimizer_s = 0.0
+    else:
+        optimizer_s = part * (w + 16) * 2 / dev.hbm_bytes_per_s
+    if layout.offload_params != "none":
+        offload_s += (2 * m + 1) * w * part / host_bw
+
+    step_s = compute_s + bubble_s + exposed + tp_comm_s + pp_comm_s + offload_s + optimizer_s
+    tokens_per_s = tokens_step / step_s
+    mfu = None
+    if dev.peak_flops is not None:
+        mfu = flops_per_token(st, s) * tokens_per_s / (ctx.world_size * dev.peak_flops)
+    return SpeedEstimate(
+        compute_s=compute_s,
+        bubble_s=bubble_s,
+        dp_comm_s=exposed,
+        tp_comm_s=tp_comm_s,
+        pp_comm_s=pp_comm_s,
+        offload_s=offload_s,
+        optimizer_s=optimizer_s,
+        step_s=step_s,
+        tokens_per_s=tokens_per_s,
+        mfu=mfu,
+        dp_bytes=dp_bytes,
+    )
