@@ -13,7 +13,8 @@ What the script does (see slurm/README.md and slurm/template.sbatch for a render
   so to every rank (ranks finish the step, save a complete checkpoint, exit 0 with status
   ``preempted``); srun runs in the background because bash runs a trap only once the foreground
   command ends; then ``scontrol requeue`` and the requeued job resumes from the newest complete
-  checkpoint (``checkpoint.resume: auto``).
+  checkpoint (``checkpoint.resume: auto``). On TERM (Slurm preempting, requeueing or cancelling the
+  job itself) the ranks checkpoint the same way, but Slurm decides whether the job runs again.
 
 Every value is shell-quoted (shlex) on ``#SBATCH`` lines and in commands; control characters and
 backslashes (sbatch's own directive parser treats ``\\`` as an escape even inside quotes) are refused.
@@ -194,8 +195,8 @@ rm -f -- "$run_dir/status.json"
 
 srun_pid=""
 signalled=""
-# USR1 (time limit, scancel --signal=USR1 --batch) or TERM (preemption, scancel): srun forwards USR1 to
-# every rank, which finishes its step, saves a complete checkpoint and exits 0.
+# USR1 (time limit, scancel --signal=USR1 --batch) or TERM (preemption, scontrol requeue, scancel): srun
+# forwards USR1 to every rank, which finishes its step, saves a complete checkpoint and exits 0.
 # shellcheck disable=SC2329  # called by the traps below
 forward_to_ranks() {{
   signalled="$1"
@@ -230,6 +231,11 @@ case "$state" in
     exit 0
     ;;
   preempted)
+    if [[ "$signalled" == TERM ]]; then
+      # Slurm itself is stopping the job (preemption, scontrol requeue, scancel): it decides what comes next.
+      echo "harness: checkpoint saved; Slurm is ending this attempt (a requeued job resumes from it)"
+      exit 0
+    fi
 {requeue}
     ;;
   *)
