@@ -15,6 +15,10 @@ EXAMPLES = ROOT / "examples"
 # One JIT cache for DeepSpeed's CPU ops across tests and CI (building them costs 30-90 s once).
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "harness-torch-extensions"))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tokenize the default corpus once per machine, not once per test's run directory.
+os.environ.setdefault("HARNESS_DATA_CACHE", str(Path.home() / ".cache" / "harness-test-data"))
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def free_port() -> int:

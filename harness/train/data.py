@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +50,11 @@ class RunData:
 
 
 def cache_dir_for(spec: RunSpec) -> Path:
-    """Tokenized data is cached beside the runs, keyed by its inputs, shared by runs with equal data."""
+    """Tokenized data is cached beside the runs (or in ``$HARNESS_DATA_CACHE``), keyed by its inputs,
+    so runs with equal data share one tokenization."""
+    override = os.environ.get("HARNESS_DATA_CACHE")
+    if override:
+        return Path(override).expanduser().resolve()
     return (Path(spec.run.output_dir) / ".cache" / "data").resolve()
 
 
