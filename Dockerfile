@@ -11,12 +11,13 @@
 # The devel flavour carries nvcc: DeepSpeed builds its fused Adam and other ops just in time.
 FROM pytorch/pytorch:2.7.1-cuda12.8-cudnn9-devel
 
-# pdsh and the ssh client: DeepSpeed's multi-node launcher fans out over them. sshd for the other
+# pdsh and the ssh client: DeepSpeed's multi-node launcher fans out over them; procps for the pkill its
+# runner sends to every host on interrupt; libaio for NVMe offload. sshd for the other
 # side. Versions come with the pinned base image's Ubuntu release rather than apt pins, which break
 # on every point release of the archive.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server \
+    && apt-get install -y --no-install-recommends pdsh openssh-client openssh-server procps libaio-dev \
     && rm -rf /var/lib/apt/lists/* \
     && mkdir -p /run/sshd
 
