@@ -312,3 +312,18 @@ def test_plan_imports_no_torch():
 
 def test_gib_constant():
     assert GIB == 2**30
+
+
+def test_plan_reports_the_specs_own_layout(capsys):
+    assert main(["plan", TINY]) == 0
+    assert "The spec's own layout (z1 pp1 tp1 mb4x1)" in capsys.readouterr().out
+
+
+def test_gpu_validation_script_dry_run(tmp_path):
+    """bench/gpu_validate_planner.py stays runnable: its predictions print without a GPU."""
+    out = tmp_path / "v.json"
+    cmd = [sys.executable, "bench/gpu_validate_planner.py", "--dry-run", "--gpus", "8", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(out.read_text())
+    assert len(rows) >= 5 and all(r["predicted"]["step_s"] > 0 for r in rows)

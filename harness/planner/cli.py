@@ -18,12 +18,15 @@ from dataclasses import asdict
 from typing import Any
 
 from harness.planner.devices import GIB, describe
+from harness.planner.layout import Layout
 from harness.planner.search import (
     Candidate,
     PlanResult,
     SearchSpace,
     context_from_spec,
+    evaluate,
     search,
+    spec_layout,
     target_global_batch,
 )
 from harness.spec import RunSpec
@@ -36,7 +39,7 @@ _COMPONENTS = {
     "dp_comm_s": "exposed ZeRO communication",
     "tp_comm_s": "tensor-parallel all-reduces",
     "pp_comm_s": "pipeline sends",
-    "offload_s": "offload copies and CPU Adam",
+    "offload_s": "host offload (PCIe copies, CPU Adam)",
     "optimizer_s": "optimizer step",
 }
 
@@ -63,7 +66,11 @@ def plan_spec(spec: RunSpec, world: int) -> PlanResult:
     model_parallel = max(1, spec.parallel.pipeline_stages * spec.parallel.tensor_parallel)
     dp = world // model_parallel if world % model_parallel == 0 else world
     space = SearchSpace(global_batch=target_global_batch(spec, dp))
-    return search(ctx, space)
+    result = search(ctx, space)
+    own = spec_layout(spec, world)
+    if own is not None:
+        result.own = evaluate(ctx, own)
+    return result
 
 
 def _gib(n: float) -> str:
@@ -111,9 +118,14 @@ def explain(result: PlanResult, top: int) -> list[str]:
         slower = 100 * (1 - c.speed.tokens_per_s / spd.tokens_per_s)
         what, delta = _biggest_difference(c, best)
         if abs(slower) < 0.5:
+            extra = _techniques(c.layout) - _techniques(best.layout)
+            why = (
+                f"adds {', '.join(sorted(extra))}"
+                if extra
+                else f"needs {_gib(c.memory.total)} GiB per GPU vs {_gib(mem.total)}"
+            )
             lines.append(
-                f"#{rank} {c.layout.short()} ties on speed ({c.speed.tokens_per_s:,.0f} tokens/s) but needs "
-                f"{_gib(c.memory.total)} GiB per GPU vs {_gib(mem.total)}."
+                f"#{rank} {c.layout.short()} ties on speed ({c.speed.tokens_per_s:,.0f} tokens/s) but {why}."
             )
         else:
             lines.append(
@@ -130,12 +142,41 @@ def explain(result: PlanResult, top: int) -> list[str]:
         else:
             lines.append(f"{len(result.rejected)} of {result.evaluated} candidates do not fit in memory.")
         near = [c for c in result.rejected if c.memory.total <= NEAR_MISS * c.memory.capacity]
-        if near and near[0] is not fastest and near[0].speed.tokens_per_s > spd.tokens_per_s:
+        if near and near[0] is not fastest and near[0].speed.tokens_per_s > 1.005 * spd.tokens_per_s:
             gain = 100 * (near[0].speed.tokens_per_s / spd.tokens_per_s - 1)
             lines.append(
                 f"Nearest miss: {near[0].layout.short()} would be {gain:.1f}% faster but {near[0].memory.why_not()}."
             )
+    if result.own is not None:
+        lines.append(_own_line(result))
     return lines + result.notes
+
+
+def _techniques(lay: Layout) -> set[str]:
+    names = {
+        "optimizer offload": lay.offload_optimizer != "none",
+        "parameter offload": lay.offload_params != "none",
+        "activation checkpointing": lay.checkpointing,
+        "pipeline stages": lay.pipeline_stages > 1,
+        "tensor parallelism": lay.tensor_parallel > 1,
+    }
+    return {name for name, used in names.items() if used}
+
+
+def _own_line(result: PlanResult) -> str:
+    own = result.own
+    assert own is not None
+    label = own.layout.short()
+    if not own.fits:
+        return f"The spec's own layout ({label}) does not fit: it {own.memory.why_not()}."
+    rank = next((i for i, c in enumerate(result.plans, start=1) if c.layout == own.layout), None)
+    best = result.plans[0]
+    where = f"ranks #{rank} of {len(result.plans)}" if rank else "is outside the searched space"
+    if best.layout == own.layout:
+        return f"The spec's own layout ({label}) is the winner."
+    slower = 100 * (1 - own.speed.tokens_per_s / best.speed.tokens_per_s)
+    what, delta = _biggest_difference(own, best)
+    return f"The spec's own layout ({label}) {where}: {slower:.1f}% slower than the winner ({what} {delta:+.2f} s)."
 
 
 def _largest_share(c: Candidate) -> str:
@@ -175,7 +216,8 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
     console.print(
         f"[bold]harness plan[/bold]: {spec.model.preset or spec.model.name_or_path} "
         f"({st.total_params / 1e9:.2f} B params), seq {ctx.seq_len}, {ctx.dtype}, {batch}, "
-        f"{ctx.nodes} node(s) × {ctx.gpus_per_node} {ctx.device.name}"
+        f"{ctx.nodes} node(s) × {ctx.gpus_per_node} {ctx.device.name}",
+        soft_wrap=True,
     )
     console.print(
         f"evaluated {result.evaluated} layouts in {result.elapsed_s * 1000:.0f} ms "
@@ -204,13 +246,14 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
     if result.plans:
         console.print(table)
     for line in explain(result, top):
-        console.print(line, highlight=False)
+        console.print(line, highlight=False, soft_wrap=True)
     console.print(
         "Columns: GiB/GPU = predicted peak per GPU; states = 16-bit params + grads + fp32 optimizer on the "
         "GPU; acts = activations + logits; bufs = DeepSpeed buckets, gathered ZeRO-3 params, CUDA context "
         "and fragmentation; host = offloaded GiB per GPU. Predictions, not measurements (docs/planner.md).",
         style="dim",
         highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -244,5 +287,6 @@ def plan_json(spec: RunSpec, result: PlanResult, top: int) -> dict[str, Any]:
         "elapsed_s": result.elapsed_s,
         "plans": [_candidate_json(c) for c in result.plans[:top]],
         "fastest_rejected": [_candidate_json(c) for c in result.rejected[:top]],
+        "spec_layout": _candidate_json(result.own) if result.own else None,
         "explanation": explain(result, top),
     }

@@ -71,6 +71,8 @@ class PlanResult:
     evaluated: int
     elapsed_s: float
     notes: list[str] = field(default_factory=list)
+    own: Candidate | None = None
+    """The spec's own layout, evaluated the same way (None when the spec leaves something ``auto``)."""
 
     @property
     def best(self) -> Candidate | None:
@@ -121,6 +123,35 @@ def target_global_batch(spec: RunSpec, dp_of_spec: int) -> int | None:
     if b.global_batch_size == AUTO or AUTO in (b.micro_batch_size, b.grad_accum):
         return None
     return (b.micro_batch_size or 1) * (b.grad_accum or 1) * dp_of_spec
+
+
+def spec_layout(spec: RunSpec, world_size: int) -> Layout | None:
+    """The layout a concrete spec asks for (None when a field is ``auto`` or the batch does not solve)."""
+    from harness.batch import solve_batch
+    from harness.validate import data_parallel_size
+
+    p, b = spec.parallel, spec.batch
+    if AUTO in (p.zero_stage, b.global_batch_size, b.micro_batch_size, b.grad_accum):
+        return None
+    try:
+        plan = solve_batch(b, data_parallel_size(spec, world_size), spec.data.seq_len)
+    except SpecError:
+        return None
+    return Layout(
+        zero_stage=int(p.zero_stage),
+        offload_optimizer=p.offload_optimizer,
+        offload_params=p.offload_params,
+        pipeline_stages=p.pipeline_stages,
+        tensor_parallel=p.tensor_parallel,
+        micro_batch_size=plan.micro_batch_size,
+        grad_accum=plan.grad_accum,
+        checkpointing=spec.model.gradient_checkpointing or p.activation_checkpoint_interval > 0,
+    )
+
+
+def evaluate(ctx: Context, layout: Layout) -> Candidate:
+    """Memory and speed of one layout."""
+    return Candidate(layout, estimate_memory(ctx, layout), estimate_speed(ctx, layout))
 
 
 def _divisors(n: int) -> list[int]:
@@ -210,7 +241,7 @@ def search(ctx: Context, space: SearchSpace) -> PlanResult:
     rejected: list[Candidate] = []
     layouts = enumerate_layouts(ctx, space)
     for layout in layouts:
-        cand = Candidate(layout, estimate_memory(ctx, layout), estimate_speed(ctx, layout))
+        cand = evaluate(ctx, layout)
         (plans if cand.fits else rejected).append(cand)
     plans.sort(key=_rank_key)
     rejected.sort(key=lambda c: -c.speed.tokens_per_s)
