@@ -30,6 +30,8 @@ def verify_checkpoint_files(tag_dir: Path) -> None:
     from torch.serialization import get_unsafe_globals_in_checkpoint
 
     for path in sorted(Path(tag_dir).rglob("*.pt")):
+        # The value shown is cut at 120 characters; name the file in the reason too, so it survives.
+        name = path.relative_to(tag_dir)
         try:
             unsafe = set(get_unsafe_globals_in_checkpoint(str(path)))
         except Exception as exc:  # noqa: BLE001 - any parse failure means we cannot vouch for it
@@ -37,7 +39,7 @@ def verify_checkpoint_files(tag_dir: Path) -> None:
                 "checkpoint",
                 str(path),
                 "resume or export only checkpoints written by this harness",
-                reason=f"unreadable checkpoint file ({type(exc).__name__})",
+                reason=f"unreadable checkpoint file {name} ({type(exc).__name__})",
             ) from None
         foreign = sorted(unsafe - ALLOWED_GLOBALS)
         if foreign:
@@ -45,5 +47,5 @@ def verify_checkpoint_files(tag_dir: Path) -> None:
                 "checkpoint",
                 str(path),
                 "do not load this checkpoint; it is not a DeepSpeed/harness file or it was tampered with",
-                reason=f"it would import {', '.join(foreign)} when loaded",
+                reason=f"{name} would import {', '.join(foreign)} when loaded",
             )
