@@ -343,8 +343,9 @@ def deepspeed_buffers(ctx: Context, layout: Layout, shard: Shard) -> dict[str, f
 
     Gradient buckets are ``torch.empty(reduce_bucket_size)`` whatever the model size: one during
     backward for stage 1, two for stage 2 (overlap_comm double-buffers), one for the whole run under
-    stage 3. ZeRO-3 also holds the gathered parameters of the running module plus the prefetch bucket,
-    and in backward the full gradient of the running module before it is reduced.
+    stage 3. ZeRO-3 also holds, when backward starts, the gathered parameters forward left for it
+    (everything reused within ``stage3_max_reuse_distance``, at most ``stage3_max_live_parameters``
+    plus the prefetch bucket), and in backward the full gradient of the running module.
     """
     w = ctx.lp_bytes
     bucket = w * REDUCE_BUCKET_ELEMS
@@ -356,7 +357,10 @@ def deepspeed_buffers(ctx: Context, layout: Layout, shard: Shard) -> dict[str, f
         return {"backward": bucket, "step": 0.0}
     if z == 2:
         return {"backward": 2 * bucket, "step": 0.0}
-    live = w * min(STAGE3_MAX_LIVE_PARAMS, shard.largest_layer + STAGE3_PREFETCH_ELEMS)
+    # Forward leaves gathered what backward reuses within stage3_max_reuse_distance (measured: a model
+    # under that size stays whole), capped by stage3_max_live_parameters, plus the prefetch bucket.
+    gathered = ctx.stats.total_params - ctx.stats.persistent_params(STAGE3_PARAM_PERSISTENCE_ELEMS)
+    live = w * min(gathered, STAGE3_MAX_LIVE_PARAMS + STAGE3_PREFETCH_ELEMS)
     return {"backward": bucket + live + w * shard.largest_layer, "step": bucket}
 
 

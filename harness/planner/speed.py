@@ -6,15 +6,12 @@ FLOPs per token (PaLM, Chowdhery et al. 2022, App. B): ``6·N + 12·L·(a·d)·s
 that take part in a matmul (embedding lookups excluded). Activation checkpointing recomputes the
 forward: hardware FLOPs are 4/3 of that.
 
-Communication per rank per optimizer step (ZeRO paper Sec. 7, ring collectives move (d-1)/d of the
-buffer per rank, 16-bit elements, Ψ = the rank's model-parallel parameters):
+Communication per rank per optimizer step: see :func:`zero_collectives` (what DeepSpeed 0.19 issues,
+measured with its comms logger on 2 CPU ranks: ZeRO 1-2 all-reduce gradient buckets that span several
+partitions instead of reduce-scattering them, ZeRO 2 every micro-step, ZeRO 3 keeps parameters it
+reuses soon gathered between forward and backward) and :func:`wire_bytes` (ring algorithms).
 
-- ZeRO 0: one all-reduce at the accumulation boundary, 2Ψ;
-- ZeRO 1: reduce-scatter at the boundary Ψ + parameter all-gather after the step Ψ;
-- ZeRO 2: reduce-scatter every micro-step (gradients are partitioned as they are produced) Ψ·m + Ψ;
-- ZeRO 3: all-gather in forward and again in backward plus reduce-scatter, every micro-step: 3Ψ·m.
-
-Stage 2 overlaps its reduce-scatter with backward (``overlap_comm``), stage 3 overlaps gathers with
+Stage 2 overlaps its reduction with backward (``overlap_comm``), stage 3 overlaps gathers with
 forward and backward (prefetch); stages 0 and 1 reduce after backward, exposed. Tensor parallelism
 all-reduces the layer output twice forward and twice backward per layer (Megatron), exposed. The
 pipeline runs (m + p - 1) micro-batch slots of its slowest stage: bubble (p-1)/(m+p-1).
@@ -25,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from harness.dsconfig import REDUCE_BUCKET_ELEMS, STAGE3_MAX_REUSE_DISTANCE, STAGE3_PARAM_PERSISTENCE_ELEMS
 from harness.planner.devices import Device
 from harness.planner.layout import Context, Layout
 from harness.planner.memory import shards_of
@@ -81,6 +79,56 @@ class SpeedEstimate:
     """Bytes each rank sends in ZeRO collectives per step."""
 
 
+def zero_collectives(ctx: Context, layout: Layout, psi: float) -> tuple[dict[str, float], dict[str, float]]:
+    """Data-parallel collectives of one rank, as (once per optimizer step, every micro-step) maps of
+    DeepSpeed op name to message bytes the way its comms logger counts them (all_reduce and
+    reduce_scatter_tensor: the full input; all_gather_into_tensor: the local partition; reduce: the
+    bucket). Measured on 2 CPU ranks by tests/test_planner_memory.py.
+
+    - ZeRO 0: one all-reduce of the 16-bit gradients at the accumulation boundary.
+    - ZeRO 1 and 2: gradient buckets (``reduce_bucket_size``) that span several ranks' partitions are
+      all-reduced (``use_multi_rank_bucket_allreduce``), the rest reduced to their owner: a fraction
+      min(1, bucket / partition) all-reduced. Stage 1 reduces once per step, stage 2 every micro-step;
+      both all-gather the updated 16-bit partition after the step.
+    - ZeRO 3: every micro-step gathers the parameters in forward and reduce-scatters the gradients;
+      backward re-gathers only what forward released (parameters reused within
+      ``stage3_max_reuse_distance`` stay gathered). Persistent (small) tensors are gathered once per step.
+    """
+    w, d = ctx.lp_bytes, layout.data_parallel(ctx.world_size)
+    if d <= 1:
+        return {}, {}
+    z = layout.zero_stage
+    if z == 0:
+        return {"all_reduce": w * psi}, {}
+    if z in (1, 2):
+        multi = min(1.0, REDUCE_BUCKET_ELEMS * d / psi)
+        reduce = {"all_reduce": w * psi * multi, "reduce": w * psi * (1 - multi)}
+        gather = {"all_gather_into_tensor": w * psi / d}
+        return ({**reduce, **gather}, {}) if z == 1 else (gather, reduce)
+    st = ctx.stats
+    persist = float(st.persistent_params(STAGE3_PARAM_PERSISTENCE_ELEMS))
+    gathered = max(psi - persist, 0.0)
+    regather = max(0.0, 1.0 - STAGE3_MAX_REUSE_DISTANCE / gathered) if gathered else 0.0
+    per_micro = {
+        "all_gather_into_tensor": w * gathered / d * (1 + regather),
+        "reduce_scatter_tensor": w * psi,
+    }
+    return {"all_gather_into_tensor": w * persist / d}, per_micro
+
+
+def wire_bytes(messages: dict[str, float], d: int) -> float:
+    """Bytes one rank sends in ring collectives over ``d`` ranks for these messages."""
+    if d <= 1:
+        return 0.0
+    factor = {
+        "all_reduce": 2 * (d - 1) / d,
+        "reduce": (d - 1) / d,
+        "reduce_scatter_tensor": (d - 1) / d,
+        "all_gather_into_tensor": d - 1,  # the message is the local partition
+    }
+    return sum(factor[op] * size for op, size in messages.items())
+
+
 def _efficiency(dev: Device, ctx: Context, layout: Layout) -> float:
     tokens = layout.micro_batch_size * ctx.seq_len
     width = ctx.stats.hidden / layout.tensor_parallel
@@ -133,21 +181,18 @@ def estimate_speed(ctx: Context, layout: Layout) -> SpeedEstimate:
     bubble_s = (p - 1) * micro_s
 
     psi = max(sh.params for sh in shards)
-    ring = (d - 1) / d if d > 1 else 0.0
     bw_dp = _ring_bw(ctx, d, t)
     z = layout.zero_stage
-    if z in (0, 1):
-        dp_bytes = 2 * ring * w * psi
-        exposed = dp_bytes / bw_dp
-    elif z == 2:
-        rs = ring * w * psi / bw_dp
+    per_step, per_micro = zero_collectives(ctx, layout, psi)
+    step_wire, micro_wire = wire_bytes(per_step, d), wire_bytes(per_micro, d)
+    dp_bytes = step_wire + m * micro_wire
+    if z == 2:  # overlap_comm: the per-micro-step reduction hides behind backward
         hidden = OVERLAP_EFFICIENCY * (2.0 / 3.0) * micro_s
-        dp_bytes = (m + 1) * ring * w * psi
-        exposed = m * max(0.0, rs - hidden) + ring * w * psi / bw_dp
-    else:
-        per_micro = 3 * ring * w * psi / bw_dp
-        dp_bytes = 3 * m * ring * w * psi
-        exposed = m * max(0.0, per_micro - OVERLAP_EFFICIENCY * micro_s)
+        exposed = step_wire / bw_dp + m * max(0.0, micro_wire / bw_dp - hidden)
+    elif z == 3:  # prefetched gathers and the reduce-scatter hide behind forward and backward
+        exposed = step_wire / bw_dp + m * max(0.0, micro_wire / bw_dp - OVERLAP_EFFICIENCY * micro_s)
+    else:  # stages 0 and 1 reduce after backward, at the accumulation boundary
+        exposed = dp_bytes / bw_dp
 
     tp_comm_s = 0.0
     if t > 1:

@@ -22,6 +22,7 @@ taken on the second step, after Adam's lazily created moments exist:
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -149,6 +150,11 @@ def snapshot(engine: Any) -> dict[str, Any]:
     return {"by_term": by_term, "model_state_bytes": model_states, "biggest": biggest}
 
 
+def _snapshot_into(snaps: dict, name: str, engine: Any, grad: torch.Tensor) -> None:
+    """A tensor hook that records a snapshot once and leaves the gradient alone."""
+    snaps.setdefault(name, snapshot(engine))
+
+
 def _inner_optimizer(engine: Any) -> Any:
     opt = engine.optimizer
     return getattr(opt, "optimizer", opt)
@@ -166,11 +172,13 @@ def measure_layout(
         f"batch.grad_accum={layout.get('grad_accum', 1)}",
         f"data.seq_len={layout.get('seq_len', 64)}",
         "train.steps=10",
-        "schedule.warmup_steps=1",  # 0 is refused by WarmupCosineLR (DeepSpeed)
+        "schedule.warmup_steps=1",
     ]
     sets.append("model.overrides=" + json.dumps(model_overrides))
     spec = load_spec(spec_path, sets)
     ds_config = compile_config(spec, world)
+    # DeepSpeed's comms logger records every collective ZeRO issues; step 2's calls are kept.
+    ds_config["comms_logger"] = {"enabled": True, "verbose": False, "prof_all": True, "debug": False}
     cfg_dict = model_config_dict(spec.model.preset, None, spec.model.overrides)
     cfg = transformers.AutoConfig.for_model(**cfg_dict)
     cfg._attn_implementation = spec.model.attn_implementation
@@ -212,16 +220,26 @@ def measure_layout(
     gen = torch.Generator().manual_seed(1 + dist.get_rank())
     for step in (1, 2):
         calls["step"] = step
+        if step == 2:
+            comm_before = _comm_counts()
         accum = ds_config["gradient_accumulation_steps"]
         for micro_step in range(accum):
             ids = torch.randint(0, cfg_dict["vocab_size"], (micro, seq), generator=gen)
             loss = engine(input_ids=ids, labels=ids).loss
+            if step == 2 and micro_step == accum - 1:
+                # Fires first thing in backward: what forward left gathered (ZeRO-3 keeps parameters it
+                # will reuse soon) next to the saved activations.
+                loss.register_hook(functools.partial(_snapshot_into, snaps, "start_backward", engine))
             engine.backward(loss)
             del loss
             if step == 2 and micro_step == accum - 1:
                 gc.collect()
                 snaps["after_backward"] = snapshot(engine)
             engine.step()  # every micro-step, as the harness does: DeepSpeed steps at the boundary
+    comm = {
+        op: {size: n - comm_before.get(op, {}).get(size, 0) for size, n in sizes.items()}
+        for op, sizes in _comm_counts().items()
+    }
     gc.collect()
     snaps["after_step"] = snapshot(engine)
     inner.step = original_step
@@ -235,7 +253,23 @@ def measure_layout(
         unset_hf_deepspeed_config()
         del hf_ds
     gc.collect()
-    return {"layout": layout, "ds_config_zero": ds_config["zero_optimization"], "snapshots": snaps}
+    comm = {op: {str(k): v for k, v in sizes.items() if v} for op, sizes in comm.items()}
+    return {
+        "layout": layout,
+        "ds_config_zero": ds_config["zero_optimization"],
+        "snapshots": snaps,
+        "comm_step2": {op: sizes for op, sizes in comm.items() if sizes},
+    }
+
+
+def _comm_counts() -> dict[str, dict[int, int]]:
+    """Calls per collective and message size (bytes) so far, from DeepSpeed's comms logger."""
+    from deepspeed.comm import comm as ds_comm
+
+    return {
+        op: {size: rec[0] for size, rec in sizes.items()}
+        for op, sizes in ds_comm.comms_logger.comms_dict.items()
+    }
 
 
 def main() -> int:
