@@ -8,18 +8,19 @@ parameters a rank's model-parallel shard holds, d the data-parallel degree and w
 stage      after backward                                 inside the optimizer step
 =========  ===========================================  ===================================
 0 (bf16)   2P lp + 2P lp grads + 4P master + 8P Adam      2P + 4P master + 4P fp32 grads + 8P
-1, 2       2P lp + 2P/d grads + 4P/d master + 8P/d        2P + 4P/d + 4P/d fp32 grads + 8P/d
+1, 2       2P lp + 2P/d grads + 4P/d master + 8P/d        2P + 2P/d + 4P/d + 4P/d fp32 grads + 8P/d
 3          2P/d + 2P_persist + 2P/d grads + 12P/d         2P/d + 2P/d grads + 4P/d + 4P/d + 8P/d
 =========  ===========================================  ===================================
 
 BF16_Optimizer (stage 0) keeps the fp32 master and moments whole on every rank. Stage 1 keeps full
 16-bit gradients on the parameters until the end of backward; stage 2 reduces them into a partition as
-it goes. A 16-bit copy of the gradient partition exists next to the fp32 one for a moment inside the
-step (2P + 18P/d for stages 1-2: DeepSpeed's own estimator number). Offload moves master, fp32 grads and
-moments (plus staging copies) to host memory. Buffers: ``reduce_bucket_size`` elements per gradient
-bucket (one for stage 1, two for stage 2 with overlap_comm, during backward; one always for stage 3),
-and ZeRO-3's gathered parameters. Activations are per layer from the saved tensors of HF's Llama/GPT-2
-blocks with SDPA (DERIVED, checked on CPU with saved-tensor hooks); see docs/planner.md.
+it goes. The 16-bit gradient partition is one flat buffer for all parameter groups, so it sits next to
+the fp32 gradients inside the step (2P + 18P/d for stages 1-2: DeepSpeed's own estimator number).
+Offload moves master, fp32 grads and moments (plus staging copies) to host memory. Buffers:
+``reduce_bucket_size`` elements per gradient bucket (one for stage 1, two for stage 2 with
+overlap_comm, during backward; one always for stage 3), and ZeRO-3's gathered parameters. Activations
+are per layer from the saved tensors of HF's Llama/GPT-2 blocks with SDPA (DERIVED, checked on CPU
+with saved-tensor hooks); see docs/planner.md.
 """
 
 from __future__ import annotations
