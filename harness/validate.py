@@ -32,7 +32,7 @@ def data_parallel_size(spec: RunSpec, world_size: int) -> int:
 def check_spec(spec: RunSpec, world_size: int) -> None:
     """Raise SpecErrors listing every rule the spec breaks for this world size."""
     errors: list[SpecError] = []
-    for rule in (_ranges, _model, _layout, _zero_offload, _precision, _schedule):
+    for rule in (_ranges, _device, _model, _layout, _zero_offload, _precision, _schedule):
         try:
             errors.extend(rule(spec, world_size))
         except SpecError as exc:
@@ -117,6 +117,13 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
                 )
             )
     return e
+
+
+def _device(spec: RunSpec, world_size: int) -> list[SpecError]:
+    from harness.planner.devices import get_device  # pure table; raises SpecError naming launch.gpu
+
+    get_device(spec.launch.gpu)
+    return []
 
 
 def _model(spec: RunSpec, world_size: int) -> list[SpecError]:

@@ -31,6 +31,18 @@ class Bad:
 
 
 BAD_SPECS = [
+    Bad(
+        "unknown-gpu-type",
+        OK_MODEL + "launch: {gpu: h100}\n",
+        "launch.gpu",
+        ("unknown GPU type", "h100-80gb", "custom:"),
+    ),
+    Bad(
+        "run-name-path",
+        OK_MODEL + "run: {name: ../elsewhere}\n",
+        "run.name",
+        ("letters, digits",),
+    ),
     # --- YAML and keys
     Bad(
         "unknown-section", "modle: {preset: llama-tiny}\n", "modle", ("unknown key", "did you mean 'model'?")

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 
 from harness.spec import RunSpec
-from harness.train.metrics import flops_per_token
 from harness.train.model import build_model, param_groups
 
 
@@ -71,14 +70,13 @@ def data_parallel_coords(engine) -> tuple[int, int]:
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def _flops(spec: RunSpec, net: torch.nn.Module, vocab_size: int | None) -> float:
+def model_flops_per_token(spec: RunSpec, vocab_size: int | None) -> float:
+    """Model FLOPs per trained token for MFU (the planner's 6N + 12·L·h·s, from the model's config)."""
+    from harness.planner import flops_per_token
     from harness.presets import shape_of
     from harness.train.model import hf_config
 
-    cfg = hf_config(spec.model, vocab_size).to_dict()
-    shape = shape_of(cfg)
-    num_params = sum(getattr(p, "ds_numel", p.numel()) for p in {id(p): p for p in net.parameters()}.values())
-    return flops_per_token(num_params, shape["layers"], shape["hidden"], spec.data.seq_len)
+    return flops_per_token(shape_of(hf_config(spec.model, vocab_size).to_dict()), spec.data.seq_len)
 
 
 def peak_flops_per_rank(spec: RunSpec) -> float | None:
@@ -116,7 +114,7 @@ def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | Non
     from deepspeed.accelerator import get_accelerator
 
     net = build_model(spec.model, ds_config, vocab_size)
-    flops = _flops(spec, net, vocab_size)
+    flops = model_flops_per_token(spec, vocab_size)
     optimizer, params = optimizer_args(spec, net)
     mpu = None
     if spec.parallel.tensor_parallel > 1:

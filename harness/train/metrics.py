@@ -15,11 +15,6 @@ from typing import Any
 from harness.rundir import METRICS_FILE
 
 
-def flops_per_token(num_params: int, layers: int, hidden: int, seq_len: int) -> float:
-    """Model FLOPs per trained token, PaLM's convention: 6N + 12·L·h·s (forward + backward)."""
-    return 6.0 * num_params + 12.0 * layers * hidden * seq_len
-
-
 def memory_per_rank_bytes() -> int:
     """Peak accelerator memory on a GPU; resident host memory of this process otherwise."""
     import torch

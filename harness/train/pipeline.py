@@ -423,11 +423,11 @@ def build_pipeline_engine(
     from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import PipelineModule
 
-    from harness.train.engine import _flops, optimizer_args, peak_flops_per_rank
+    from harness.train.engine import model_flops_per_token, optimizer_args, peak_flops_per_rank
     from harness.train.model import build_model
 
     net = build_model(spec.model, ds_config, vocab_size)  # same constructor and seed as one process
-    flops = _flops(spec, net, vocab_size)
+    flops = model_flops_per_token(spec, vocab_size)
     plan = plan_split(net)
     modules = _Modules(net)
     specs = layer_specs(plan, modules)
