@@ -68,7 +68,6 @@ def train(spec: RunSpec, ds_config: dict[str, Any], run_dir: Path) -> TrainResul
         metrics.log({"step": step, "event": "resumed", "from": str(resume.path)})
     tokens_per_step = engine.train_batch_size() * spec.data.seq_len
     meter = Throughput(run.flops_per_token, world, run.peak_flops_per_rank)
-    last_saved = step if resume is not None else -1
     state = "complete"
     try:
         while step < spec.train.steps:
@@ -93,20 +92,10 @@ def train(spec: RunSpec, ds_config: dict[str, Any], run_dir: Path) -> TrainResul
                     {"sampler": sampler.state_dict(), "step": step},
                     spec.checkpoint.keep_last,
                 )
-                last_saved = step
             if stop:
                 state = "preempted"
                 break
         if state == "complete":
-            if last_saved != step:
-                checkpoint.save(
-                    engine,
-                    run_dir,
-                    step,
-                    rank,
-                    {"sampler": sampler.state_dict(), "step": step},
-                    spec.checkpoint.keep_last,
-                )
             if not spec.train.eval_every or step % spec.train.eval_every:
                 metrics.log(evaluate(run, data, spec, dp_rank, dp_size, step))
             if spec.checkpoint.export_hf and rank == 0:
