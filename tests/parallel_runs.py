@@ -5,16 +5,14 @@ Every launch goes through the real deepspeed launcher (``harness train`` or a wo
 status.json says "complete". One launch per layout; the equivalence tests compare the ``loss`` records
 of metrics.jsonl (``train.log_every: 1``) of runs that see the same samples in every step.
 
-Tokenized data is cached under ``<run.output_dir>/.cache``; the output directory links it to the shared
-test cache (``$HARNESS_TEST_DATA_CACHE``, default ``~/.cache/harness-test-data``), so the default corpus
-is tokenized once per machine, not per test.
+Tokenized data goes to the one cache conftest points ``$HARNESS_DATA_CACHE`` at, so the default corpus is
+tokenized once per machine, not per test.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +22,6 @@ import yaml
 from conftest import ROOT, free_port, harness_cmd
 
 WORKERS = Path(__file__).resolve().parent / "workers"
-DATA_CACHE = Path(os.environ.get("HARNESS_TEST_DATA_CACHE", Path.home() / ".cache" / "harness-test-data"))
 LAUNCH_TIMEOUT_S = 900
 """A launch on a busy 2-core box can take minutes (10-25 s when it is quiet)."""
 
@@ -70,21 +67,10 @@ def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return into
 
 
-def output_dir(base: Path) -> Path:
-    """``base/runs`` with its ``.cache`` linked to the shared tokenized-data cache."""
-    out = Path(base) / "runs"
-    out.mkdir(parents=True, exist_ok=True)
-    DATA_CACHE.mkdir(parents=True, exist_ok=True)
-    link = out / ".cache"
-    if not link.exists():
-        link.symlink_to(DATA_CACHE, target_is_directory=True)
-    return out
-
-
 def write_spec(base: Path, name: str, *, model: str | dict[str, Any] = "llama", ranks: int = 1,
                steps: int = 5, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:  # fmt: skip
     """A tiny fp32 spec with a torch AdamW (bit-exact), constant lr, logged every step; (spec path, run dir)."""
-    out = output_dir(base)
+    out = Path(base) / "runs"
     spec: dict[str, Any] = {
         "run": {"name": name, "output_dir": str(out)},
         "model": copy.deepcopy(TINY[model]) if isinstance(model, str) else copy.deepcopy(model),
