@@ -8,14 +8,22 @@ from pathlib import Path
 from harness.errors import SpecError
 
 
-def generate(model_dir: Path, prompt: str, max_new_tokens: int = 64, temperature: float = 0.8, top_k: int = 50,
-             seed: int = 0) -> str:
+def generate(
+    model_dir: Path,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.8,
+    top_k: int = 50,
+    seed: int = 0,
+) -> str:
     """The prompt followed by up to ``max_new_tokens`` sampled tokens (greedy when temperature is 0)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if not (Path(model_dir) / "config.json").is_file():
-        raise SpecError("DIR", str(model_dir), "give a directory written by `harness export` (it holds config.json)")
+        raise SpecError(
+            "DIR", str(model_dir), "give a directory written by `harness export` (it holds config.json)"
+        )
     torch.manual_seed(seed)
     tok = AutoTokenizer.from_pretrained(str(model_dir))
     model = AutoModelForCausalLM.from_pretrained(str(model_dir))
@@ -38,5 +46,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Print one sample."""
     if args.max_new_tokens < 1:
         raise SpecError("--max-new-tokens", args.max_new_tokens, "use a positive number of tokens")
-    print(generate(Path(args.model_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed))
+    print(
+        generate(
+            Path(args.model_dir), args.prompt, args.max_new_tokens, args.temperature, args.top_k, args.seed
+        )
+    )
     return 0

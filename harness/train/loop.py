@@ -130,7 +130,8 @@ def evaluate(run, data, spec: RunSpec, dp_rank: int, dp_size: int, step: int) ->
     losses = run.eval_losses(
         data.val_batches(run.micro_batch_size, dp_rank, dp_size, spec.train.eval_batches)
     )
-    total = torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64)
+    # On the engine's device: NCCL reduces only accelerator tensors.
+    total = torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64, device=run.device)
     if dist.is_initialized():
         dist.all_reduce(total)
     mean = float(total[0] / max(total[1], 1.0))
