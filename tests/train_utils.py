@@ -27,6 +27,10 @@ WORKERS = Path(__file__).resolve().parent / "workers"
 
 DATA_CACHE = Path(os.environ.get("HARNESS_TEST_DATA_CACHE", Path.home() / ".cache" / "harness-test-data"))
 
+FULL_MATRIX = os.environ.get("HARNESS_FULL_MATRIX") == "1" or bool(os.environ.get("CI"))
+"""Run every slow combination (CI); by default a covering half, to keep the suite within minutes."""
+FULL_MATRIX_REASON = "slow extra combination: set HARNESS_FULL_MATRIX=1 (CI)"
+
 LAUNCH_TIMEOUT_S = 900
 """One launch on a busy 2-core box can take minutes (imports alone are ~2 s per rank when quiet)."""
 
@@ -114,6 +118,13 @@ def write_spec(tmp_path: Path, name: str, **kwargs: Any) -> tuple[Path, Path]:
     return path, out / name
 
 
+def checkout_env() -> dict[str, str]:
+    """This environment with this checkout first on PYTHONPATH: the CLI, the launcher's ranks and the
+    workers import the harness under test, whichever checkout ``pip install -e`` last pointed at."""
+    paths = [str(ROOT), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def run_harness(*args: str, cwd: Path | None = None, timeout_s: float = 300) -> subprocess.CompletedProcess:
     """``python -m harness ARGS`` of this checkout (captured text output)."""
     return subprocess.run(
@@ -122,6 +133,7 @@ def run_harness(*args: str, cwd: Path | None = None, timeout_s: float = 300) -> 
         capture_output=True,
         text=True,
         timeout=timeout_s,
+        env=checkout_env(),
     )
 
 
@@ -194,7 +206,7 @@ def launch_worker(
         *args,
     ]
     return subprocess.run(
-        cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=dict(os.environ)
+        cmd, cwd=cwd or ROOT, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, env=checkout_env()
     )
 
 

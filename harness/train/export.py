@@ -4,7 +4,8 @@
     harness export runs/tiny-cpu/checkpoints/step-00000060 -o hf/
 
 Weights are the fp32 master weights, consolidated with DeepSpeed's own ``zero_to_fp32`` for ZeRO
-1-3 (and bf16 runs, whose optimizer keeps fp32 partitions), read directly for ZeRO 0. Written as
+1-3 (and bf16 runs, whose optimizer keeps fp32 partitions), read directly for ZeRO 0 (the module in
+fp32, the optimizer's flat fp32 groups in bf16/fp16). Written as
 safetensors with config.json, generation_config.json and the run's tokenizer, into a temporary
 directory renamed into place, so a failed export leaves nothing half-written.
 """
@@ -74,7 +75,48 @@ def consolidated_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[st
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return {k: v.contiguous().float() for k, v in sd.items()}
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-    return {k: v.float() for k, v in states["module"].items()}
+    weights = {k: v.float() for k, v in states["module"].items()}
+    weights.update(_zero0_master_weights(tag_dir, states))
+    return weights
+
+
+def _zero0_master_weights(tag_dir: Path, states: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The fp32 master weights of a ZeRO-0 bf16/fp16 checkpoint ({} for fp32, where the module is the master).
+
+    DeepSpeed's FP16_Optimizer keeps them as one flat fp32 tensor per optimizer param group (no padding)
+    and saves no names for them; the groups are the ones ``harness.train.model.param_groups`` made,
+    so the same function over the model built on the meta device gives the names, shapes and order.
+    """
+    flat = (states.get("optimizer") or {}).get("fp32_groups_flat")
+    if not flat:
+        return {}
+    from transformers import AutoModelForCausalLM
+
+    from harness.specload import load_spec
+    from harness.train.model import hf_config, param_groups
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            hf_config(load_spec(tag_dir.parent.parent / SPEC_FILE).model)
+        )
+    names: dict[int, list[str]] = {}  # every name of a parameter (tied embeddings have two)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    groups = param_groups(model, 0.0)
+    if len(groups) != len(flat):
+        raise RuntimeError(f"{tag_dir}: {len(flat)} fp32 master groups, the model has {len(groups)}")
+    masters = {}
+    for group, vector in zip(groups, flat, strict=True):
+        offset = 0
+        for p in group["params"]:
+            master = vector[offset : offset + p.numel()].view(p.shape).float().clone()
+            masters.update(dict.fromkeys(names[id(p)], master))
+            offset += p.numel()
+        if offset != vector.numel():
+            raise RuntimeError(
+                f"{tag_dir}: fp32 master group of {vector.numel()} values, the params hold {offset}"
+            )
+    return masters
 
 
 def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
