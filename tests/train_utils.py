@@ -4,10 +4,9 @@ Every launch gets a fresh rendezvous port (other suites launch side by side). A 
 when the launcher exits 0 AND rank 0's status.json says "complete" (a rank can die after training with
 the launcher still exiting 0; see shared/notes/deepspeed-pitfalls.md).
 
-Tokenized data is cached under ``<run.output_dir>/.cache``; preparing the default corpus costs about
-half a minute, so each test's output directory links that cache to one shared directory
-(``$HARNESS_TEST_DATA_CACHE``, default ``~/.cache/harness-test-data``), like the DeepSpeed JIT cache.
-The cache key covers every input (corpus fingerprint, tokenizer, seq_len, seed, library versions).
+Tokenizing the default corpus costs about half a minute; conftest points ``$HARNESS_DATA_CACHE`` (which
+every launch inherits) at one cache per machine, like the DeepSpeed JIT cache. The cache key covers every
+input (corpus fingerprint, tokenizer, seq_len, seed, library versions).
 """
 
 from __future__ import annotations
@@ -24,8 +23,6 @@ import yaml
 from conftest import ROOT, free_port, harness_cmd
 
 WORKERS = Path(__file__).resolve().parent / "workers"
-
-DATA_CACHE = Path(os.environ.get("HARNESS_TEST_DATA_CACHE", Path.home() / ".cache" / "harness-test-data"))
 
 FULL_MATRIX = os.environ.get("HARNESS_FULL_MATRIX") == "1" or bool(os.environ.get("CI"))
 """Run every slow combination (CI); by default a covering half, to keep the suite within minutes."""
@@ -60,13 +57,9 @@ GPT2_NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
 def output_dir(base: Path) -> Path:
-    """``base/runs`` with its ``.cache`` linked to the shared tokenized-data cache."""
+    """``base/runs``, the ``run.output_dir`` of a test's runs."""
     out = Path(base) / "runs"
     out.mkdir(parents=True, exist_ok=True)
-    DATA_CACHE.mkdir(parents=True, exist_ok=True)
-    link = out / ".cache"
-    if not link.exists():
-        link.symlink_to(DATA_CACHE, target_is_directory=True)
     return out
 
 
