@@ -61,9 +61,9 @@ def prepare_run_dir(
     files = RunFiles(run_dir, run_dir / SPEC_FILE, run_dir / DS_CONFIG_FILE)
     if not dry_run:
         (run_dir / "launch").mkdir(parents=True, exist_ok=True)
-        _write_atomic(files.spec_path, spec_text)
-        _write_atomic(files.ds_config_path, json.dumps(cfg, indent=2) + "\n")
-        _write_atomic(run_dir / WORLD_FILE, json.dumps({"world_size": world}) + "\n")
+        write_atomic(files.spec_path, spec_text)
+        write_atomic(files.ds_config_path, json.dumps(cfg, indent=2) + "\n")
+        write_atomic(run_dir / WORLD_FILE, json.dumps({"world_size": world}) + "\n")
     return files, cfg, spec_text
 
 
@@ -78,10 +78,11 @@ def read_status(run_dir: Path) -> dict[str, Any] | None:
 
 def write_status(run_dir: Path, state: str, step: int, **extra: Any) -> None:
     """Record how the run ended (rank 0 only)."""
-    _write_atomic(Path(run_dir) / STATUS_FILE, json.dumps({"state": state, "step": step, **extra}) + "\n")
+    write_atomic(Path(run_dir) / STATUS_FILE, json.dumps({"state": state, "step": step, **extra}) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temp file beside ``path`` and rename it over, so no reader sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(text, encoding="utf-8")

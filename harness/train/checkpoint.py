@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from harness.errors import SpecError
+from harness.rundir import write_atomic
 
 MARKER = "COMPLETE"
 _TAG_RE = re.compile(r"^step-(\d{8})$")
@@ -143,8 +144,8 @@ def save(engine, run_dir: Path, step: int, rank: int, client: dict[str, Any], ke
     _barrier(dist)
     if rank == 0:
         marker = {"step": step, "tag": tag, "world_size": _world(dist), "time": time.time()}
-        _write_atomic(tag_dir / MARKER, json.dumps(marker) + "\n")
-        _write_atomic(root / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 etc.)
+        write_atomic(tag_dir / MARKER, json.dumps(marker) + "\n")
+        write_atomic(root / "latest", tag)  # for DeepSpeed's own tools (zero_to_fp32 etc.)
         rotate(run_dir, keep_last)
     _barrier(dist)
     return tag_dir
@@ -202,9 +203,3 @@ def _world(dist) -> int:
 def _barrier(dist) -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
