@@ -14,6 +14,8 @@ if [ "$(id -u)" = 0 ] && command -v slurmctld >/dev/null && command -v sshd >/de
   trap 'bash scripts/test-cluster/down.sh "$cluster_dir"' EXIT
   export HARNESS_TEST_CLUSTER="$cluster_dir"
 fi
+# Leftover buffers of DeepSpeed's CPU shared-memory all-reduce from earlier runs hold RAM.
+rm -f /dev/shm/deepspeed_allreduce_buffer_*
 status=0
 python3 -m pytest -q "$@" || status=$?
 exit "$status"

@@ -37,3 +37,14 @@ def port() -> int:
 def harness_cmd(*args: str) -> list[str]:
     """Command line running the CLI of this checkout with this interpreter."""
     return [sys.executable, "-m", "harness", *args]
+
+
+@pytest.fixture(autouse=True)
+def _remove_deepspeed_shm_buffers():
+    """DeepSpeed's CPU shared-memory all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_* behind
+    (tens of MB per rank and port); over a suite of launches they fill RAM until the OOM killer
+    strikes. Tests run one at a time, so after each test none is in use (and unlinking a mapped
+    file is harmless anyway)."""
+    yield
+    for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
+        leftover.unlink(missing_ok=True)
