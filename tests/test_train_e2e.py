@@ -5,8 +5,7 @@ constant lr 3e-3, logged every step) whose loss must fall, and whose automatic H
 fp32 master weights. A launch costs 20-25 s on a quiet 2-core box, so by default only the combinations
 no other test trains run: every stage in bf16 and each (stage, model) pair once, counting the fp32 runs
 of the exactness and export tests (ZeRO 1 Llama: gradient averaging; ZeRO 2 GPT-2: resume and export;
-ZeRO 3 Llama: export), which check their loss falls too. All 16 run with ``HARNESS_FULL_MATRIX=1`` (or
-``CI`` set).
+ZeRO 3 Llama: export), which check their loss falls too. All 16 run with ``HARNESS_FULL_MATRIX=1``.
 
 ZeRO-3 partitioning at init is checked in test_train_export.py (its ZeRO-3 worker launch records it).
 """
