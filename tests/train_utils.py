@@ -25,7 +25,7 @@ from conftest import ROOT, free_port, harness_cmd
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 FULL_MATRIX = os.environ.get("HARNESS_FULL_MATRIX") == "1"
-"""Run every slow combination (CI); by default a covering half, to keep the suite within minutes."""
+"""Run every slow combination (opt-in); by default a covering subset, to keep the suite within minutes."""
 FULL_MATRIX_REASON = "slow extra combination: set HARNESS_FULL_MATRIX=1"
 
 LAUNCH_TIMEOUT_S = 900
