@@ -70,7 +70,7 @@ def compile_resolved(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan
     spec, plan = resolve_layout(spec, world_size)
     compiled = build_config(spec, plan)
     check_raw_keys(compiled, spec.deepspeed)
-    merged = _merge(compiled, spec.deepspeed)
+    merged = deep_merge(compiled, spec.deepspeed)
     check_batch_triple(merged, plan.data_parallel_size)
     return spec, plan, merged
 
@@ -213,12 +213,12 @@ def _scheduler_section(spec: RunSpec) -> dict[str, Any]:
     return {"type": kind, "params": params}
 
 
-def _merge(base: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
-    """Deep-merge the user's raw ``deepspeed:`` keys over the compiled ones."""
+def deep_merge(base: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
+    """A new dict: ``raw`` deep-merged over ``base`` (the user's raw ``deepspeed:`` keys over the compiled ones)."""
     out = copy.deepcopy(base)
     for key, value in raw.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

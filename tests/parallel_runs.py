@@ -21,6 +21,8 @@ from typing import Any
 import yaml
 from conftest import ROOT, free_port, harness_cmd
 
+from harness.dsconfig import deep_merge
+
 WORKERS = Path(__file__).resolve().parent / "workers"
 LAUNCH_TIMEOUT_S = 900
 """A launch on a busy 2-core box can take minutes (10-25 s when it is quiet)."""
@@ -58,15 +60,6 @@ TINY: dict[str, dict[str, Any]] = {
 }
 
 
-def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
-    return into
-
-
 def write_spec(base: Path, name: str, *, model: str | dict[str, Any] = "llama", ranks: int = 1,
                steps: int = 5, extra: dict[str, Any] | None = None) -> tuple[Path, Path]:  # fmt: skip
     """A tiny fp32 spec with a torch AdamW (bit-exact), constant lr, logged every step; (spec path, run dir)."""
@@ -84,7 +77,7 @@ def write_spec(base: Path, name: str, *, model: str | dict[str, Any] = "llama", 
         "checkpoint": {"keep_last": 2, "resume": "auto", "export_hf": False},
         "launch": {"launcher": "local", "nodes": 1, "gpus_per_node": ranks, "gpu": "cpu"},
     }
-    _merge(spec, extra or {})
+    spec = deep_merge(spec, extra or {})
     path = Path(base) / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False), encoding="utf-8")
     return path, out / name

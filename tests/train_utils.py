@@ -22,6 +22,8 @@ from typing import Any
 import yaml
 from conftest import ROOT, free_port, harness_cmd
 
+from harness.dsconfig import deep_merge
+
 WORKERS = Path(__file__).resolve().parent / "workers"
 
 FULL_MATRIX = os.environ.get("HARNESS_FULL_MATRIX") == "1"
@@ -63,15 +65,6 @@ def output_dir(base: Path) -> Path:
     return out
 
 
-def _merge(into: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            _merge(into[key], value)
-        else:
-            into[key] = copy.deepcopy(value)
-    return into
-
-
 def spec_dict(
     name: str,
     out_dir: Path,
@@ -99,7 +92,7 @@ def spec_dict(
         "checkpoint": {"keep_last": 2, "resume": "auto", "export_hf": False},
         "launch": {"launcher": "local", "nodes": 1, "gpus_per_node": ranks, "gpu": "cpu"},
     }
-    return _merge(spec, extra or {})
+    return deep_merge(spec, extra or {})
 
 
 def write_spec(tmp_path: Path, name: str, **kwargs: Any) -> tuple[Path, Path]:
