@@ -82,16 +82,6 @@ def build_model(
     return net
 
 
-def count_params_meta(model: ModelSection) -> int:
-    """Parameter count of the spec's model built on the meta device (no memory allocated)."""
-    from transformers import AutoModelForCausalLM
-
-    cfg = hf_config(model)
-    with torch.device("meta"):
-        net = AutoModelForCausalLM.from_config(cfg)
-    return sum(p.numel() for p in {id(p): p for p in net.parameters()}.values())
-
-
 def param_groups(net: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay matrices, not biases, norms or 1-D params (the usual transformer recipe)."""
     decay, no_decay = [], []
