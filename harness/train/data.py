@@ -42,9 +42,13 @@ class RunData:
     def val_batches(
         self, micro_batch_size: int, dp_rank: int, dp_size: int, max_batches: int
     ) -> Iterator[torch.Tensor]:
-        """The same validation micro-batches every time: rank r takes blocks r, r+dp, ... in order."""
+        """The same validation micro-batches every time: rank r takes blocks r, r+dp, ... in order.
+
+        Every rank gets the same number of batches (ZeRO 3 and pipeline forwards are collective: a
+        rank with one batch fewer would leave the others waiting forever)."""
         mine = np.arange(dp_rank, len(self.val), dp_size)
-        for i in range(min(max_batches, len(mine) // micro_batch_size)):
+        per_rank = len(self.val) // dp_size
+        for i in range(min(max_batches, per_rank // micro_batch_size)):
             rows = mine[i * micro_batch_size : (i + 1) * micro_batch_size]
             yield torch.from_numpy(np.asarray(self.val[rows], dtype=np.int64))
 

@@ -75,7 +75,7 @@ def train(spec: RunSpec, ds_config: dict[str, Any], run_dir: Path) -> TrainResul
             step += 1
             meter.add(tokens_per_step)
             if step % spec.train.log_every == 0 or step == spec.train.steps:
-                metrics.log(_step_record(engine, step, loss, meter))
+                metrics.log(_step_record(engine, step, run.loss_value(loss), meter))
             if spec.train.eval_every and step % spec.train.eval_every == 0:
                 metrics.log(evaluate(run, data, spec, dp_rank, dp_size, step))
             stop = signals.agree_to_stop(run.device)
@@ -134,5 +134,11 @@ def evaluate(run, data, spec: RunSpec, dp_rank: int, dp_size: int, step: int) ->
     total = torch.tensor([sum(losses), float(len(losses))], dtype=torch.float64, device=run.device)
     if dist.is_initialized():
         dist.all_reduce(total)
-    mean = float(total[0] / max(total[1], 1.0))
+    if total[1] == 0:  # no rank had a whole micro-batch: say so rather than report a loss of 0
+        return {
+            "step": step,
+            "event": "evaluation skipped: the validation split holds fewer than one micro-batch per "
+            "data-parallel rank (raise data.val_fraction)",
+        }
+    mean = float(total[0] / total[1])
     return {"step": step, "val_loss": mean, "val_ppl": math.exp(min(mean, 50.0))}

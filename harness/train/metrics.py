@@ -130,4 +130,6 @@ def format_record(r: dict[str, Any]) -> str:
         parts.append("MFU n/a" if mfu is None else f"MFU {100 * mfu:.1f}%")
     if "mem_gb" in r:
         parts.append(f"mem {r['mem_gb']:.2f} GB/rank")
+    if "event" in r:
+        parts.append(" ".join(str(x) for x in (r["event"], r.get("from") or r.get("path")) if x))
     return " | ".join(parts)

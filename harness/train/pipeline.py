@@ -397,22 +397,19 @@ def _with_labels(sampler):
 class PipelineRunEngine(RunEngine):
     """A PipelineEngine: one ``train_batch`` per optimizer step, ``eval_batch`` per validation batch."""
 
-    def train_step(self, sampler) -> float:
+    def train_step(self, sampler) -> torch.Tensor:
         """All accumulation micro-batches through the pipeline schedule; the mean loss over them and
-        data-parallel ranks (the same on every stage)."""
-        return float(self.engine.train_batch(data_iter=_with_labels(sampler)))
+        data-parallel ranks (DeepSpeed already reduced it: the same on every stage)."""
+        return self.engine.train_batch(data_iter=_with_labels(sampler))
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """The loss as a number (already the same on every rank)."""
+        return float(loss)
 
     def eval_losses(self, batches) -> list[float]:
         """Loss of each validation micro-batch, averaged over data-parallel ranks."""
-        import torch.distributed as dist
-
-        batches = list(batches)
-        # eval_batch holds a barrier: every rank must run the same number (shards can differ by one).
-        count = torch.tensor([len(batches)], dtype=torch.int64, device=self.device)
-        dist.all_reduce(count, op=dist.ReduceOp.MIN)
-        return [
-            float(self.engine.eval_batch(iter([(b, b)]), num_micro_batches=1)) for b in batches[: int(count)]
-        ]
+        # eval_batch holds a barrier: RunData.val_batches gives every rank the same number of batches.
+        return [float(self.engine.eval_batch(iter([(b, b)]), num_micro_batches=1)) for b in batches]
 
 
 def build_pipeline_engine(
