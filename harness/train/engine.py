@@ -26,8 +26,9 @@ class RunEngine:
     peak_flops_per_rank: float | None
     micro_batch_size: int
 
-    def train_step(self, sampler) -> float:
-        """One optimizer step (all accumulation micro-batches); the mean loss over micro-batches and ranks."""
+    def train_step(self, sampler) -> torch.Tensor:
+        """One optimizer step (all accumulation micro-batches); this rank's mean loss over them, unreduced:
+        ``loss_value`` averages it over ranks when the loop logs, so other steps pay no collective."""
         engine = self.engine
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         accum = engine.gradient_accumulation_steps()
@@ -37,7 +38,11 @@ class RunEngine:
             engine.backward(loss)
             engine.step()
             total += loss.detach().float()
-        return _mean_over_ranks(total / accum)
+        return total / accum
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """``train_step``'s loss averaged over all ranks (a collective: every rank calls it, same steps)."""
+        return _mean_over_ranks(loss)
 
     @torch.no_grad()
     def eval_losses(self, batches) -> list[float]:
