@@ -19,6 +19,9 @@ def generate(
     """The prompt followed by up to ``max_new_tokens`` sampled tokens (greedy when temperature is 0)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # stdout is the sample
 
     if not (Path(model_dir) / "config.json").is_file():
         raise SpecError(
