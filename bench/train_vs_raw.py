@@ -6,9 +6,11 @@
 Every rank builds two engines from the same spec, DeepSpeed config, seed and data:
 
 - harness: ``harness.train.engine.build_engine`` + ``RunEngine.train_step`` on the harness's
-  ``BlockSampler``, plus the per-step stop-signal agreement the training loop does every step
-  (``signals.agree_to_stop``: one tiny all-reduce);
-- raw: ``deepspeed.initialize(model, model.parameters(), config)`` and the textbook loop
+  ``BlockSampler``, plus what the training loop adds: the stop-signal agreement every step
+  (``signals.agree_to_stop``: one tiny all-reduce) and the loss averaged over ranks every
+  ``train.log_every`` steps (``RunEngine.loss_value``);
+- raw: ``deepspeed.initialize(model, param_groups, config)`` (the same decay/no-decay groups, so both
+  do the same math) and the textbook loop
   ``loss = engine(input_ids=x, labels=x).loss; engine.backward(loss); engine.step()`` over the same
   packed blocks read in order, ``loss.item()`` once per step.
 
@@ -55,7 +57,7 @@ class RawLoop:
         from deepspeed.accelerator import get_accelerator
         from transformers import AutoModelForCausalLM
 
-        from harness.train.model import hf_config, zero3_init_context
+        from harness.train.model import hf_config, param_groups, zero3_init_context
 
         cfg = hf_config(spec.model, vocab_size)
         with zero3_init_context(ds_config):  # same partitioned init as the harness under ZeRO 3
@@ -63,7 +65,7 @@ class RawLoop:
                 cfg, attn_implementation=spec.model.attn_implementation, dtype=torch.float32
             )
         self.engine, _, _, _ = deepspeed.initialize(
-            model=net, model_parameters=net.parameters(), config=ds_config
+            model=net, model_parameters=param_groups(net, spec.optimizer.weight_decay), config=ds_config
         )
         self.device = torch.device(get_accelerator().current_device_name())
         self.blocks = blocks
@@ -124,10 +126,14 @@ def main(argv: list[str] | None = None) -> int:
             dp_size=dp_size,
         )
 
-        def harness_step() -> float:
+        harness_steps = [0]
+
+        def harness_step() -> None:  # what the training loop does per step, logging included
             loss = harness_run.train_step(sampler)
+            harness_steps[0] += 1
+            if harness_steps[0] % spec.train.log_every == 0:
+                harness_run.loss_value(loss)
             signals.agree_to_stop(harness_run.device)
-            return loss
 
         set_random_seed(spec.train.seed)
         raw = RawLoop(spec, ds_config, data.vocab_size, data.train, dp_rank, dp_size)
