@@ -210,10 +210,35 @@ def write_atomic(path: Path, text: str) -> None:
         ) from None
 
 
+def set_groups_last(argv: list[str]) -> list[str]:
+    """Move each ``--set KEY=VALUE ...`` group to the end of the command line, so that
+    ``harness train --set train.steps=5 spec.yaml`` works: argparse would otherwise take the spec path
+    as one more override. A group is ``--set`` and the tokens after it that hold ``=`` and do not start
+    with ``-``; a bare ``--set`` with no such token stays put (argparse then reports it)."""
+    head: list[str] = []
+    groups: list[str] = []
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        if token == "--":
+            head.extend(argv[i:])
+            break
+        j = i + 1
+        if token == "--set":
+            while j < len(argv) and "=" in argv[j] and not argv[j].startswith("-"):
+                j += 1
+        if j > i + 1:
+            groups.extend(argv[i:j])
+        else:
+            head.append(token)
+        i = j
+    return head + groups
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``harness`` console command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(set_groups_last(sys.argv[1:] if argv is None else list(argv)))
     try:
         return int(args.func(args) or 0)
     except SpecError as exc:

@@ -10,7 +10,7 @@ import pytest
 from conftest import EXAMPLES, ROOT
 
 from harness.batch import solve_batch
-from harness.cli import main
+from harness.cli import main, set_groups_last
 from harness.dsconfig import compile_config
 from harness.errors import SpecError
 from harness.spec import BatchSection, RunSpec
@@ -352,6 +352,28 @@ def test_cli_set_is_repeatable_and_multi(tmp_path, capsys):
                  "--set", "launch.gpus_per_node=4"]) == 0  # fmt: skip
     out = capsys.readouterr().out
     assert "steps: 30" in out and "grad_accum: 2" in out and "world_size: 4" in out
+
+
+def test_cli_set_before_the_spec_path_does_not_swallow_it(capsys):
+    tiny = str(EXAMPLES / "tiny-cpu.yaml")
+    assert main(["show", "--set", "train.steps=30", "batch.grad_accum=2", tiny, "--world-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "steps: 30" in out and "grad_accum: 2" in out and "world_size: 4" in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["show", "--set", "a=1", "b=2", "s.yaml"], ["show", "s.yaml", "--set", "a=1", "b=2"]),
+        (["train", "--set", "a=1", "s.yaml", "--set", "c=[1, 2]", "--dry-run"],
+         ["train", "s.yaml", "--dry-run", "--set", "a=1", "--set", "c=[1, 2]"]),
+        (["show", "s.yaml", "--set", "a=1"], ["show", "s.yaml", "--set", "a=1"]),
+        (["show", "--set", "a", "s.yaml"], ["show", "--set", "a", "s.yaml"]),  # argparse reports it
+        (["show", "--", "--set", "a=1"], ["show", "--", "--set", "a=1"]),
+    ],
+)  # fmt: skip
+def test_set_groups_move_to_the_end(argv, expected):
+    assert set_groups_last(argv) == expected
 
 
 # --- the spec itself
