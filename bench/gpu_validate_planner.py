@@ -52,6 +52,7 @@ def layout_sets(layout: dict[str, Any], preset: str, seq_len: int, gpu: str, gpu
         f"model.preset={preset}",
         f"model.gradient_checkpointing={str(layout.get('checkpointing', False)).lower()}",
         f"data.seq_len={seq_len}",
+        "precision.dtype=bf16",
         f"parallel.zero_stage={layout['zero_stage']}",
         f"parallel.offload_optimizer={layout.get('offload_optimizer', 'none')}",
         f"parallel.offload_params={layout.get('offload_params', 'none')}",

@@ -28,6 +28,7 @@ SEVENTY_B = [
     "batch.global_batch_size=1024",
     "batch.micro_batch_size=null",
     "batch.grad_accum=null",
+    "precision.dtype=bf16",
 ]
 
 

@@ -171,6 +171,7 @@ def measure_layout(
         f"batch.micro_batch_size={layout.get('micro_batch_size', 2)}",
         f"batch.grad_accum={layout.get('grad_accum', 1)}",
         f"data.seq_len={layout.get('seq_len', 64)}",
+        f"precision.dtype={layout.get('dtype', 'bf16')}",  # the planner Context's default, not the spec's
         "train.steps=10",
         "schedule.warmup_steps=1",
     ]
