@@ -89,7 +89,7 @@ def test_family_that_does_not_split_is_refused_with_what_is_missing(family, reas
 
 def test_type_partition_names_and_a_regex_matching_nothing():
     from harness.specload import spec_from_dict
-    from harness.train.pipeline import _check_partition
+    from harness.train.pipeline_engine import _check_partition
 
     _, specs = _split(_tiny_hf("gpt2"))
     assert "DecoderLayer_GPT2Block" in {s.typename.__name__ for s in specs}
@@ -122,7 +122,7 @@ def test_gpt2_tied_two_stages_match_one_process(base):
     from transformers import AutoModelForCausalLM
 
     from harness.train.export import export_checkpoint
-    from harness.train.pipeline import pipeline_state_dict
+    from harness.train.mp_shards import pipeline_state_dict
 
     assert "lm_head.weight" not in pipeline_state_dict(tag)
     ids = (torch.arange(2 * pr.SEQ_LEN).reshape(2, pr.SEQ_LEN) * 7919 + 13) % pr.VOCAB

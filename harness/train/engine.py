@@ -1,7 +1,7 @@
 """The DeepSpeed engine for a spec: model, optimizer, and one training step.
 
 Plain (ZeRO 0-3, AutoTP) models step micro-batch by micro-batch through ``engine.backward`` /
-``engine.step``; pipeline layouts go through ``harness.train.pipeline`` and ``train_batch``.
+``engine.step``; pipeline layouts go through ``harness.train.pipeline_engine`` and ``train_batch``.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def optimizer_args(spec: RunSpec, net: torch.nn.Module) -> tuple[torch.optim.Opt
 def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
     """Build the model (partitioned at init under ZeRO 3) and wrap it in a DeepSpeed engine."""
     if spec.parallel.pipeline_stages > 1:
-        from harness.train.pipeline import build_pipeline_engine
+        from harness.train.pipeline_engine import build_pipeline_engine
 
         return build_pipeline_engine(spec, ds_config, vocab_size)
     import deepspeed

@@ -61,7 +61,7 @@ def resolve_checkpoint(source: Path) -> Path:
 def consolidated_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """fp32 weights of the whole model from a (possibly sharded) DeepSpeed checkpoint."""
     if any(tag_dir.glob("layer_*-model_states.pt")):
-        from harness.train.pipeline import pipeline_state_dict
+        from harness.train.mp_shards import pipeline_state_dict
 
         return pipeline_state_dict(tag_dir)
     if any(tag_dir.glob("mp_rank_01_model_states.pt")):

@@ -15,7 +15,8 @@ non-pipeline path builds (same constructor, same seed: identical initial weights
 checkpoint. Only the hidden-state tensor crosses stage boundaries: every decoder layer makes its own
 position ids, rotary (cos, sin) and causal mask. Tied input/output embeddings are a DeepSpeed
 ``TiedLayerSpec``. Layer checkpoints (``layer_XX-model_states.pt``) carry the HF names of what they
-hold, which is how :func:`pipeline_state_dict` maps them back for ``harness export``.
+hold, which is how ``harness.train.mp_shards.pipeline_state_dict`` maps them back for ``harness export``.
+The engine around the stages is built in ``harness.train.pipeline_engine``.
 
 The whole model is built on every rank before the stage keeps its part (the price of identical
 initial weights); host memory must hold one fp32 copy of the full model per rank while it starts.
@@ -24,9 +25,7 @@ initial weights); host memory must hold one fp32 copy of the full model per rank
 from __future__ import annotations
 
 import functools
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,8 +33,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from harness.errors import SpecError
-from harness.spec import RunSpec
-from harness.train.engine import RunEngine
 
 TIED_KEY = "embed"
 """TiedLayerSpec key of a token embedding shared with the LM head."""
@@ -350,154 +347,3 @@ def check_split(model: nn.Module, plan: SplitPlan, specs: list, seq_len: int = 8
             f"its embedding, decoder layers, final norm and LM head composed give different logits than its "
             f"forward (max |diff| {diff}); its forward does more than these modules",
         )
-
-
-def _check_partition(spec: RunSpec, specs: list, parts: list[int] | None = None) -> None:
-    method = spec.parallel.partition_method
-    names = [s.typename.__name__ for s in specs]
-    if method.startswith("type:"):
-        pattern = re.compile(method[len("type:") :], re.IGNORECASE)
-        if not any(pattern.search(n) for n in names):
-            raise SpecError(
-                "parallel.partition_method",
-                method,
-                f"use a regex matching some of the pipeline layers {sorted(set(names))}, e.g. type:DecoderLayer",
-                reason="it matches no layer",
-            )
-    if parts is None:
-        return
-    for stage in range(len(parts) - 1):
-        held = names[parts[stage] : parts[stage + 1]]
-        if not any(n.startswith("DecoderLayer") for n in held):
-            raise SpecError(
-                "parallel.partition_method",
-                method,
-                "use partition_method: uniform or type:DecoderLayer, or fewer pipeline_stages",
-                reason=f"pipeline stage {stage} would hold no decoder layer ({held or 'nothing'})",
-            )
-
-
-def _count_stages_in_grad_norm(pipe: nn.Module) -> None:
-    # DeepSpeed's fp32 gradient clipping (ZeRO 0) sums a parameter's norm on model-parallel rank 0,
-    # elsewhere only if it is flagged model-parallel; under a pipeline that rank is the stage id, so
-    # stages > 0 would drop out of the global norm and clipping would differ from one process.
-    # Tied copies on non-owning stages (ds_pipe_replicated) stay out: the owner counts them once.
-    for p in pipe.parameters():
-        if not getattr(p, "ds_pipe_replicated", False):
-            p.model_parallel = True
-
-
-def _with_labels(sampler):
-    while True:
-        batch = next(sampler)
-        yield batch, batch  # labels are the inputs; the loss shifts them
-
-
-@dataclass
-class PipelineRunEngine(RunEngine):
-    """A PipelineEngine: one ``train_batch`` per optimizer step, ``eval_batch`` per validation batch."""
-
-    def train_step(self, sampler) -> torch.Tensor:
-        """All accumulation micro-batches through the pipeline schedule; the mean loss over them and
-        data-parallel ranks (DeepSpeed already reduced it: the same on every stage)."""
-        return self.engine.train_batch(data_iter=_with_labels(sampler))
-
-    def loss_value(self, loss: torch.Tensor) -> float:
-        """The loss as a number (already the same on every rank)."""
-        return float(loss)
-
-    def eval_losses(self, batches) -> list[float]:
-        """Loss of each validation micro-batch, averaged over data-parallel ranks."""
-        # eval_batch holds a barrier: RunData.val_batches gives every rank the same number of batches.
-        return [float(self.engine.eval_batch(iter([(b, b)]), num_micro_batches=1)) for b in batches]
-
-
-def build_pipeline_engine(
-    spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None
-) -> RunEngine:
-    """The spec's HF model as a DeepSpeed PipelineModule of ``parallel.pipeline_stages`` stages, in an engine."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.pipe import PipelineModule
-
-    from harness.train.engine import model_flops_per_token, optimizer_args, peak_flops_per_rank
-    from harness.train.model import build_model
-
-    net = build_model(spec.model, ds_config, vocab_size)  # same constructor and seed as one process
-    flops = model_flops_per_token(spec, vocab_size)
-    plan = plan_split(net)
-    modules = _Modules(net)
-    specs = layer_specs(plan, modules)
-    _check_partition(spec, specs)
-    check_split(net, plan, specs, spec.data.seq_len)
-    loss = CausalLMLoss(net.loss_function, net.config.vocab_size)
-    decoder_classes = sorted({s.typename.__name__ for s in specs if issubclass(s.typename, DecoderLayer)})
-    pipe = PipelineModule(
-        layers=specs,
-        num_stages=spec.parallel.pipeline_stages,
-        loss_fn=loss,
-        partition_method=spec.parallel.partition_method,
-        activation_checkpoint_interval=spec.parallel.activation_checkpoint_interval,
-        # Only decoder layers: a checkpointed embedding would get no gradient (its input is integer ids).
-        checkpointable_layers=decoder_classes,
-    )
-    _check_partition(spec, specs, pipe.parts)
-    modules.release()
-    del net  # this stage's layers keep their modules; the rest of the model is freed
-    _count_stages_in_grad_norm(pipe)
-    optimizer, params = optimizer_args(spec, pipe)
-    engine, _, _, _ = deepspeed.initialize(
-        model=pipe, optimizer=optimizer, model_parameters=params, config=ds_config
-    )
-    return PipelineRunEngine(
-        engine=engine,
-        device=torch.device(get_accelerator().current_device_name()),
-        flops_per_token=flops,
-        peak_flops_per_rank=peak_flops_per_rank(spec),
-        micro_batch_size=engine.train_micro_batch_size_per_gpu(),
-    )
-
-
-_LAYER_FILE = re.compile(r"^layer_(\d+)-.*model_states\.pt$")
-
-
-def _hf_key(key: str, hf_names: dict[str, str]) -> str:
-    local, _, rest = key.partition(".")
-    return f"{hf_names[local]}.{rest}" if rest else hf_names[local]
-
-
-def pipeline_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
-    """fp32 weights in HF key names from a pipeline checkpoint: the layer files, with the fp32 master
-    weights of ZeRO partitions (bf16 / ZeRO 1 runs) in place of the module weights where there are any."""
-    from harness.train.mp_shards import fp32_master_state_dict, model_parallel_ranks
-
-    tag_dir = Path(tag_dir)
-    by_layer: dict[str, dict[str, str]] = {}
-    state: dict[str, torch.Tensor] = {}
-    for path in sorted(tag_dir.iterdir()):
-        m = _LAYER_FILE.match(path.name)
-        if not m:
-            continue
-        layer = torch.load(path, map_location="cpu", weights_only=True)
-        extra = layer.pop("_extra_state", None)
-        if not isinstance(extra, dict) or "hf_names" not in extra:
-            raise SpecError(
-                "RUN_DIR_OR_CHECKPOINT",
-                str(tag_dir),
-                "export a pipeline checkpoint written by harness (its layer files name their HF modules)",
-                reason=f"{path.name} does not say which HF modules it holds",
-            )
-        by_layer[str(int(m.group(1)))] = extra["hf_names"]
-        if extra.get("tied_key"):
-            by_layer[f"tied_modules.{extra['tied_key']}"] = extra["hf_names"]
-        state.update({_hf_key(k, extra["hf_names"]): v.float() for k, v in layer.items()})
-    for stage in model_parallel_ranks(tag_dir):
-        masters = fp32_master_state_dict(tag_dir, stage) or {}
-        for key, value in masters.items():
-            # PipelineModule names: "<layer index>.<local>..." or "tied_modules.<key>.<local>...".
-            owner, _, rest = key.partition(".")
-            if owner == "tied_modules":
-                tied_key, _, rest = rest.partition(".")
-                owner = f"tied_modules.{tied_key}"
-            state[_hf_key(rest, by_layer[owner])] = value
-    return state

@@ -1,0 +1,122 @@
+"""The DeepSpeed PipelineEngine for a spec: the model's stages (``harness.train.pipeline``) in a
+``PipelineModule``, one ``train_batch`` per optimizer step."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from harness.errors import SpecError
+from harness.spec import RunSpec
+from harness.train.engine import RunEngine
+from harness.train.pipeline import CausalLMLoss, DecoderLayer, _Modules, check_split, layer_specs, plan_split
+
+
+def _check_partition(spec: RunSpec, specs: list, parts: list[int] | None = None) -> None:
+    method = spec.parallel.partition_method
+    names = [s.typename.__name__ for s in specs]
+    if method.startswith("type:"):
+        pattern = re.compile(method[len("type:") :], re.IGNORECASE)
+        if not any(pattern.search(n) for n in names):
+            raise SpecError(
+                "parallel.partition_method",
+                method,
+                f"use a regex matching some of the pipeline layers {sorted(set(names))}, e.g. type:DecoderLayer",
+                reason="it matches no layer",
+            )
+    if parts is None:
+        return
+    for stage in range(len(parts) - 1):
+        held = names[parts[stage] : parts[stage + 1]]
+        if not any(n.startswith("DecoderLayer") for n in held):
+            raise SpecError(
+                "parallel.partition_method",
+                method,
+                "use partition_method: uniform or type:DecoderLayer, or fewer pipeline_stages",
+                reason=f"pipeline stage {stage} would hold no decoder layer ({held or 'nothing'})",
+            )
+
+
+def _count_stages_in_grad_norm(pipe: nn.Module) -> None:
+    # DeepSpeed's fp32 gradient clipping (ZeRO 0) sums a parameter's norm on model-parallel rank 0,
+    # elsewhere only if it is flagged model-parallel; under a pipeline that rank is the stage id, so
+    # stages > 0 would drop out of the global norm and clipping would differ from one process.
+    # Tied copies on non-owning stages (ds_pipe_replicated) stay out: the owner counts them once.
+    for p in pipe.parameters():
+        if not getattr(p, "ds_pipe_replicated", False):
+            p.model_parallel = True
+
+
+def _with_labels(sampler):
+    while True:
+        batch = next(sampler)
+        yield batch, batch  # labels are the inputs; the loss shifts them
+
+
+@dataclass
+class PipelineRunEngine(RunEngine):
+    """A PipelineEngine: one ``train_batch`` per optimizer step, ``eval_batch`` per validation batch."""
+
+    def train_step(self, sampler) -> torch.Tensor:
+        """All accumulation micro-batches through the pipeline schedule; the mean loss over them and
+        data-parallel ranks (DeepSpeed already reduced it: the same on every stage)."""
+        return self.engine.train_batch(data_iter=_with_labels(sampler))
+
+    def loss_value(self, loss: torch.Tensor) -> float:
+        """The loss as a number (already the same on every rank)."""
+        return float(loss)
+
+    def eval_losses(self, batches) -> list[float]:
+        """Loss of each validation micro-batch, averaged over data-parallel ranks."""
+        # eval_batch holds a barrier: RunData.val_batches gives every rank the same number of batches.
+        return [float(self.engine.eval_batch(iter([(b, b)]), num_micro_batches=1)) for b in batches]
+
+
+def build_pipeline_engine(
+    spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None
+) -> RunEngine:
+    """The spec's HF model as a DeepSpeed PipelineModule of ``parallel.pipeline_stages`` stages, in an engine."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.pipe import PipelineModule
+
+    from harness.train.engine import model_flops_per_token, optimizer_args, peak_flops_per_rank
+    from harness.train.model import build_model
+
+    net = build_model(spec.model, ds_config, vocab_size)  # same constructor and seed as one process
+    flops = model_flops_per_token(spec, vocab_size)
+    plan = plan_split(net)
+    modules = _Modules(net)
+    specs = layer_specs(plan, modules)
+    _check_partition(spec, specs)
+    check_split(net, plan, specs, spec.data.seq_len)
+    loss = CausalLMLoss(net.loss_function, net.config.vocab_size)
+    decoder_classes = sorted({s.typename.__name__ for s in specs if issubclass(s.typename, DecoderLayer)})
+    pipe = PipelineModule(
+        layers=specs,
+        num_stages=spec.parallel.pipeline_stages,
+        loss_fn=loss,
+        partition_method=spec.parallel.partition_method,
+        activation_checkpoint_interval=spec.parallel.activation_checkpoint_interval,
+        # Only decoder layers: a checkpointed embedding would get no gradient (its input is integer ids).
+        checkpointable_layers=decoder_classes,
+    )
+    _check_partition(spec, specs, pipe.parts)
+    modules.release()
+    del net  # this stage's layers keep their modules; the rest of the model is freed
+    _count_stages_in_grad_norm(pipe)
+    optimizer, params = optimizer_args(spec, pipe)
+    engine, _, _, _ = deepspeed.initialize(
+        model=pipe, optimizer=optimizer, model_parameters=params, config=ds_config
+    )
+    return PipelineRunEngine(
+        engine=engine,
+        device=torch.device(get_accelerator().current_device_name()),
+        flops_per_token=flops,
+        peak_flops_per_rank=peak_flops_per_rank(spec),
+        micro_batch_size=engine.train_micro_batch_size_per_gpu(),
+    )
