@@ -71,7 +71,8 @@ def consolidated_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[st
     if any(tag_dir.glob("*zero_pp_rank_*_optim_states.pt")):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints progress lines
+        # It prints progress lines and a tqdm bar; errors still raise.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             sd = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
         return {k: v.contiguous().float() for k, v in sd.items()}
     states = torch.load(tag_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
@@ -178,6 +179,9 @@ def _is_tied_copy(model: torch.nn.Module, key: str) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     """``harness export RUN_DIR_OR_CHECKPOINT -o DIR``."""
     tag_dir = resolve_checkpoint(Path(args.source))
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # one line says what was exported
     out = export_checkpoint(tag_dir, Path(args.output))
     print(f"exported {tag_dir} -> {out}")
     return 0
