@@ -18,13 +18,9 @@ import pytest
 from harness.dsconfig import REDUCE_BUCKET_ELEMS, STAGE3_PARAM_PERSISTENCE_ELEMS
 from harness.planner.devices import get_device
 from harness.planner.layout import Context, Layout
-from harness.planner.memory import (
-    activation_bytes_per_layer,
-    deepspeed_buffers,
-    model_states,
-    shards_of,
-)
+from harness.planner.memory import activation_bytes_per_layer, deepspeed_buffers, model_states
 from harness.planner.modelstats import model_stats
+from harness.planner.shards import shards_of
 from harness.presets import preset_config
 from tests.conftest import ROOT, free_port
 

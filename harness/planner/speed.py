@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from harness.dsconfig import REDUCE_BUCKET_ELEMS, STAGE3_MAX_REUSE_DISTANCE, STAGE3_PARAM_PERSISTENCE_ELEMS
 from harness.planner.devices import Device
 from harness.planner.layout import Context, Layout
-from harness.planner.memory import shards_of
 from harness.planner.modelstats import ModelStats, stats_from_shape
+from harness.planner.shards import shards_of
 
 COMM_EFFICIENCY = 0.70
 """Fraction of link bandwidth a large NCCL ring collective reaches (bus bandwidth / link bandwidth)."""
