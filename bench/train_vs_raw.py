@@ -23,6 +23,7 @@ hits both alike. Rank 0 prints tokens/s of each (all ranks together) and harness
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -126,12 +127,11 @@ def main(argv: list[str] | None = None) -> int:
             dp_size=dp_size,
         )
 
-        harness_steps = [0]
+        harness_steps = itertools.count(1)
 
         def harness_step() -> None:  # what the training loop does per step, logging included
             loss = harness_run.train_step(sampler)
-            harness_steps[0] += 1
-            if harness_steps[0] % spec.train.log_every == 0:
+            if next(harness_steps) % spec.train.log_every == 0:
                 harness_run.loss_value(loss)
             signals.agree_to_stop(harness_run.device)
 

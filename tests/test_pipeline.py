@@ -40,10 +40,10 @@ def _tiny_hf(model_type: str, **overrides):
 
 
 def _split(model, seq_len: int = 8):
-    from harness.train.pipeline import _Modules, check_split, layer_specs, plan_split
+    from harness.train.pipeline import ModelModules, check_split, layer_specs, plan_split
 
     plan = plan_split(model)
-    specs = layer_specs(plan, _Modules(model))
+    specs = layer_specs(plan, ModelModules(model))
     check_split(model, plan, specs, seq_len)
     return plan, specs
 

@@ -75,10 +75,8 @@ def _quiet_libraries(rank: int) -> None:
     import os
 
     from deepspeed.utils import logger as ds_logger
-    from transformers.utils import logging as hf_logging
 
     ds_logger.setLevel(getattr(logging, os.environ.get("HARNESS_DS_LOG", "warning").upper(), logging.WARNING))
-    hf_logging.disable_progress_bar()  # shard loading/writing bars in the export; the harness logs the export
     if rank != 0:
         import datasets
 

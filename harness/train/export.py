@@ -123,6 +123,7 @@ def _zero0_master_weights(tag_dir: Path, states: dict[str, Any]) -> dict[str, to
 def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
     """Write an HF checkpoint of ``tag_dir`` into ``out_dir`` (replacing it). Returns ``out_dir``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers.utils import logging as hf_logging
 
     from harness.specload import load_spec
     from harness.train.model import hf_config
@@ -133,6 +134,7 @@ def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
     ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text(encoding="utf-8"))
     verify_checkpoint_files(tag_dir)
     state = consolidated_state_dict(tag_dir, ds_config)
+    hf_logging.disable_progress_bar()  # shard bars; the caller says in one line what was exported
 
     cfg = hf_config(spec.model)
     cfg.use_cache = True
@@ -179,9 +181,6 @@ def _is_tied_copy(model: torch.nn.Module, key: str) -> bool:
 def cmd_export(args: argparse.Namespace) -> int:
     """``harness export RUN_DIR_OR_CHECKPOINT -o DIR``."""
     tag_dir = resolve_checkpoint(Path(args.source))
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one line says what was exported
     out = export_checkpoint(tag_dir, Path(args.output))
     print(f"exported {tag_dir} -> {out}")
     return 0

@@ -137,7 +137,7 @@ def plan_split(model: nn.Module) -> SplitPlan:
     )
 
 
-class _Modules:
+class ModelModules:
     """The full model's modules by qualified name, released once this stage has taken its layers."""
 
     def __init__(self, model: nn.Module) -> None:
@@ -155,7 +155,7 @@ class _Modules:
 class StageLayer(nn.Module):
     """A pipeline layer made of HF modules; its checkpoint records their HF names (extra state)."""
 
-    def __init__(self, modules: _Modules, hf_names: dict[str, str], tied_key: str | None = None) -> None:
+    def __init__(self, modules: ModelModules, hf_names: dict[str, str], tied_key: str | None = None) -> None:
         super().__init__()
         for local, qualified in hf_names.items():
             self.add_module(local, modules.get(qualified))
@@ -194,7 +194,7 @@ class EmbeddingExtras(StageLayer):
 class DecoderLayer(StageLayer):
     """One HF decoder layer; makes its own position ids, rotary embedding and causal mask."""
 
-    def __init__(self, modules: _Modules, hf_names: dict[str, str], attention_type: str) -> None:
+    def __init__(self, modules: ModelModules, hf_names: dict[str, str], attention_type: str) -> None:
         super().__init__(modules, hf_names)
         self.config = modules.config
         self.attention_type = attention_type
@@ -268,7 +268,7 @@ def _attention_type(config, index: int) -> str:
     return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
 
-def layer_specs(plan: SplitPlan, modules: _Modules) -> list:
+def layer_specs(plan: SplitPlan, modules: ModelModules) -> list:
     """DeepSpeed layer specs for ``plan``: embedding, [extras], decoder layers, final norm, LM head."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 

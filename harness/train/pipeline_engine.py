@@ -13,7 +13,14 @@ from torch import nn
 from harness.errors import SpecError
 from harness.spec import RunSpec
 from harness.train.engine import RunEngine
-from harness.train.pipeline import CausalLMLoss, DecoderLayer, _Modules, check_split, layer_specs, plan_split
+from harness.train.pipeline import (
+    CausalLMLoss,
+    DecoderLayer,
+    ModelModules,
+    check_split,
+    layer_specs,
+    plan_split,
+)
 
 
 def _check_partition(spec: RunSpec, specs: list, parts: list[int] | None = None) -> None:
@@ -90,7 +97,7 @@ def build_pipeline_engine(
     net = build_model(spec.model, ds_config, vocab_size)  # same constructor and seed as one process
     flops = model_flops_per_token(spec, vocab_size)
     plan = plan_split(net)
-    modules = _Modules(net)
+    modules = ModelModules(net)
     specs = layer_specs(plan, modules)
     _check_partition(spec, specs)
     check_split(net, plan, specs, spec.data.seq_len)
