@@ -103,9 +103,9 @@ def worker(sets: list[str], out: Path, warmup: int, steps: int) -> int:
     import torch
     import torch.distributed as dist
 
-    from harness.dsconfig import compile_config
+    from harness.compiler import compile_config
     from harness.specload import load_spec
-    from harness.train.engine import build_engine
+    from harness.train.engines import build_engine
 
     spec = load_spec(ROOT / "examples" / "tiny-cpu.yaml", sets)
     import deepspeed

@@ -42,7 +42,8 @@ def spec_args() -> list[str]:
 
 def in_process(args: list[str], repeat: int) -> tuple[list[float], int, int]:
     """(plan times in s, candidates evaluated, plans that fit) for ``repeat`` fresh plans."""
-    from harness.cli import build_parser, load_from_args, world_from_args
+    from harness.cli import build_parser
+    from harness.cliargs import load_from_args, world_from_args
     from harness.planner.cli import plan_spec
 
     ns = build_parser().parse_args(["plan", *args])

@@ -5,7 +5,7 @@
 
 Every rank builds two engines from the same spec, DeepSpeed config, seed and data:
 
-- harness: ``harness.train.engine.build_engine`` + ``RunEngine.train_step`` on the harness's
+- harness: ``harness.train.engines.build_engine`` + ``RunEngine.train_step`` on the harness's
   ``BlockSampler``, plus what the training loop adds: the stop-signal agreement every step
   (``signals.agree_to_stop``: one tiny all-reduce) and the loss averaged over ranks every
   ``train.log_every`` steps (``RunEngine.loss_value``);
@@ -98,12 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     import torch.distributed as dist
     from deepspeed.runtime.utils import set_random_seed
 
-    from harness.dsconfig import compile_resolved
+    from harness.compiler import compile_resolved
     from harness.rundir import run_dir_of
     from harness.specload import load_spec
     from harness.train import signals
     from harness.train.data import load_run_data
-    from harness.train.engine import build_engine, data_parallel_coords
+    from harness.train.engine import data_parallel_coords
+    from harness.train.engines import build_engine
 
     deepspeed.init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()

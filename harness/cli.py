@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from harness.cliargs import load_from_args, world_from_args
 from harness.errors import EXIT_USER_ERROR, SpecError
 
 
@@ -114,25 +115,10 @@ def _lazy(module: str, name: str):
     return run
 
 
-def load_from_args(args: argparse.Namespace):
-    """Load the spec named on the command line with its ``--set`` overrides."""
-    from harness.specload import load_spec
-
-    return load_spec(args.spec, args.overrides)
-
-
-def world_from_args(args: argparse.Namespace, spec) -> int:
-    """``--world-size`` if given, else the spec's launch section."""
-    world = getattr(args, "world_size", None)
-    if world is not None and world < 1:
-        raise SpecError("--world-size", world, "use a positive number of ranks")
-    return world or spec.world_size
-
-
 def cmd_show(args: argparse.Namespace) -> int:
     """Print the resolved spec and the numbers a user checks first."""
+    from harness.compiler import compile_resolved
     from harness.dscheck import validate_config
-    from harness.dsconfig import compile_resolved
     from harness.specload import dump_spec
 
     spec = load_from_args(args)
@@ -165,8 +151,8 @@ def derived_numbers(spec, world: int, plan) -> dict[str, Any]:
 
 def cmd_config(args: argparse.Namespace) -> int:
     """Print or write the DeepSpeed config."""
-    from harness.dsconfig import compile_config
-    from harness.validate import data_parallel_size
+    from harness.compiler import compile_config
+    from harness.parallel_dims import data_parallel_size
 
     spec = load_from_args(args)
     world = world_from_args(args, spec)

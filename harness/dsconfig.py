@@ -9,19 +9,17 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from harness.batch import BatchPlan, solve_batch
+from harness.batch import BatchPlan
+from harness.ds_defaults import (
+    ALLGATHER_BUCKET_ELEMS,
+    REDUCE_BUCKET_ELEMS,
+    STAGE3_MAX_LIVE_PARAMS,
+    STAGE3_MAX_REUSE_DISTANCE,
+    STAGE3_PARAM_PERSISTENCE_ELEMS,
+    STAGE3_PREFETCH_ELEMS,
+)
 from harness.errors import SpecError, SpecErrors
 from harness.spec import AUTO, RunSpec
-from harness.validate import check_spec, data_parallel_size
-
-# ZeRO bucket sizes, in elements. DeepSpeed's own defaults, written out so the config is explicit
-# and the planner reads the same numbers.
-REDUCE_BUCKET_ELEMS = 500_000_000
-ALLGATHER_BUCKET_ELEMS = 500_000_000
-STAGE3_PREFETCH_ELEMS = 50_000_000
-STAGE3_PARAM_PERSISTENCE_ELEMS = 100_000
-STAGE3_MAX_LIVE_PARAMS = 1_000_000_000
-STAGE3_MAX_REUSE_DISTANCE = 1_000_000_000
 
 _DTYPE_NAME = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32"}
 
@@ -42,37 +40,6 @@ SPEC_OWNED_KEYS: dict[tuple[str, ...], str] = {
 }
 _MISSING = object()
 _SCHEDULERS = {"cosine": "WarmupCosineLR", "linear": "WarmupDecayLR", "constant": "WarmupLR"}
-
-
-def resolve_layout(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan]:
-    """Check the spec for this world size, resolve ``auto`` fields, and solve the batch triple."""
-    if _has_auto(spec):
-        from harness.planner.resolve import resolve_auto  # lazy: the planner is only needed for auto
-
-        spec = resolve_auto(spec, world_size)
-    check_spec(spec, world_size)
-    dp = data_parallel_size(spec, world_size)
-    return spec, solve_batch(spec.batch, dp, spec.data.seq_len)
-
-
-def _has_auto(spec: RunSpec) -> bool:
-    b = spec.batch
-    return AUTO in (spec.parallel.zero_stage, b.global_batch_size, b.micro_batch_size, b.grad_accum)
-
-
-def compile_config(spec: RunSpec, world_size: int) -> dict[str, Any]:
-    """The DeepSpeed config for ``spec`` on ``world_size`` ranks (raw ``deepspeed:`` keys merged last)."""
-    return compile_resolved(spec, world_size)[2]
-
-
-def compile_resolved(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan, dict[str, Any]]:
-    """Resolve the spec, solve the batch and compile: (resolved spec, batch plan, DeepSpeed config)."""
-    spec, plan = resolve_layout(spec, world_size)
-    compiled = build_config(spec, plan)
-    check_raw_keys(compiled, spec.deepspeed)
-    merged = deep_merge(compiled, spec.deepspeed)
-    check_batch_triple(merged, plan.data_parallel_size)
-    return spec, plan, merged
 
 
 def build_config(spec: RunSpec, plan: BatchPlan) -> dict[str, Any]:

@@ -49,8 +49,8 @@ def prepare_run_dir(
     Returns the paths, the DeepSpeed config and the resolved spec's YAML. With ``dry_run`` nothing
     is written. Raises SpecError before writing anything if the spec is invalid.
     """
+    from harness.compiler import compile_resolved
     from harness.dscheck import validate_config
-    from harness.dsconfig import compile_resolved
     from harness.specload import dump_spec
 
     world = world_size or spec.world_size

@@ -8,31 +8,17 @@ from __future__ import annotations
 import re
 
 from harness.errors import SpecError, SpecErrors
-from harness.presets import PRESETS, model_config_dict, preset_config, shape_of
+from harness.parallel_dims import ParallelDims, model_dims
+from harness.presets import model_config_dict, preset_config, shape_of
 from harness.spec import AUTO, RunSpec
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 
 
-def data_parallel_size(spec: RunSpec, world_size: int) -> int:
-    """world / (pipeline_stages × tensor_parallel), after checking that it divides."""
-    model_parallel = spec.parallel.pipeline_stages * spec.parallel.tensor_parallel
-    if model_parallel < 1 or world_size % model_parallel:
-        raise SpecError(
-            "parallel",
-            f"world_size={world_size}, pipeline_stages={spec.parallel.pipeline_stages}, "
-            f"tensor_parallel={spec.parallel.tensor_parallel}",
-            f"make the world size (launch.nodes × launch.gpus_per_node) a multiple of pipeline_stages × "
-            f"tensor_parallel = {model_parallel}, or change those degrees",
-            reason="the world does not factor into data × pipeline × tensor parallel",
-        )
-    return world_size // model_parallel
-
-
 def check_spec(spec: RunSpec, world_size: int) -> None:
     """Raise SpecErrors listing every rule the spec breaks for this world size."""
     errors: list[SpecError] = []
-    for rule in (_ranges, _device, _model, _layout, _zero_offload, _precision, _schedule):
+    for rule in (_ranges, _device, _model, _layout, _nvme, _precision, _schedule):
         try:
             errors.extend(rule(spec, world_size))
         except SpecError as exc:
@@ -170,43 +156,8 @@ def _model(spec: RunSpec, world_size: int) -> list[SpecError]:
                 reason=f"longer than the model's {positions} positions",
             )
         )
-    stages, tp = spec.parallel.pipeline_stages, spec.parallel.tensor_parallel
-    if stages > shape["layers"]:
-        e.append(
-            SpecError(
-                "parallel.pipeline_stages",
-                stages,
-                f"use at most {shape['layers']} stages (the model has {shape['layers']} decoder layers)",
-                reason="more pipeline stages than layers",
-            )
-        )
-    if tp > 1 and cfg.get("model_type") in AUTOTP_UNSUPPORTED:
-        e.append(
-            SpecError(
-                "parallel.tensor_parallel",
-                tp,
-                "use tensor_parallel: 1 for this model (pipeline_stages or ZeRO 3 split it instead)",
-                reason=f"DeepSpeed's AutoTP does not support the {cfg['model_type']} family",
-            )
-        )
-    elif tp > 1:
-        for key in ("heads", "kv_heads"):
-            if shape[key] % tp:
-                e.append(
-                    SpecError(
-                        "parallel.tensor_parallel",
-                        tp,
-                        f"use a degree that divides the model's {shape[key]} "
-                        f"{'attention' if key == 'heads' else 'key-value'} heads",
-                        reason=f"{shape[key]} {key.replace('_', '-')} are not divisible by {tp}",
-                    )
-                )
     return e
 
-
-# Model types DeepSpeed's AutoTP refuses (deepspeed.module_inject.auto_tp.AutoTP.supported, 0.19):
-# it asks for kernel injection instead, which is inference-only.
-AUTOTP_UNSUPPORTED = frozenset({"deberta", "flaubert", "fsmt", "gpt2", "led", "longformer", "xlm", "xlnet"})
 
 # HF config keys that shape_of reads (GPT-2 and Llama-style names).
 _SHAPE_KEYS = {
@@ -220,37 +171,16 @@ def _positive_int(value: object) -> bool:
 
 
 def _layout(spec: RunSpec, world_size: int) -> list[SpecError]:
+    """The layout rules (one list, shared with the planner: harness.parallel_dims)."""
     e: list[SpecError] = []
     p = spec.parallel
-    if p.pipeline_stages > 1 and p.zero_stage in (2, 3):
-        e.append(
-            SpecError(
-                "parallel.zero_stage",
-                p.zero_stage,
-                "use zero_stage 0 or 1 with pipeline_stages > 1, or pipeline_stages: 1 to keep ZeRO 2/3",
-                reason="DeepSpeed's pipeline engine does not support ZeRO 2 or 3 (gradients are partitioned per stage)",
-            )
-        )
-    if p.tensor_parallel > 1 and p.zero_stage == 3:
-        e.append(
-            SpecError(
-                "parallel.zero_stage",
-                3,
-                "use zero_stage 0, 1 or 2 with tensor_parallel > 1, or tensor_parallel: 1 to keep ZeRO 3",
-                reason="AutoTP training supports ZeRO stages up to 2",
-            )
-        )
-    if p.tensor_parallel > 1 and p.pipeline_stages > 1:
-        e.append(
-            SpecError(
-                "parallel",
-                f"pipeline_stages={p.pipeline_stages}, tensor_parallel={p.tensor_parallel}",
-                "use pipeline stages or tensor parallelism, not both in one run",
-                reason="AutoTP inside DeepSpeed pipeline stages is not supported",
-            )
-        )
-    if world_size >= 1:
-        data_parallel_size(spec, world_size)
+    if min(p.pipeline_stages, p.tensor_parallel, world_size) < 1:
+        return e  # _ranges reports these
+    cfg = model_config_dict(spec.model.preset, spec.model.name_or_path, spec.model.overrides)
+    model = None
+    if cfg is not None and not _model(spec, world_size):
+        model = model_dims(cfg)
+    e.extend(ParallelDims.from_spec(spec, world_size).problems(model))
     if p.activation_checkpoint_interval and p.pipeline_stages == 1:
         e.append(
             SpecError(
@@ -262,57 +192,18 @@ def _layout(spec: RunSpec, world_size: int) -> list[SpecError]:
     return e
 
 
-def _zero_offload(spec: RunSpec, world_size: int) -> list[SpecError]:
-    e: list[SpecError] = []
+def _nvme(spec: RunSpec, world_size: int) -> list[SpecError]:
     p = spec.parallel
-    if p.zero_stage == AUTO:
-        return e
-    if p.offload_optimizer != "none" and p.zero_stage == 0:
-        e.append(
-            SpecError(
-                "parallel.offload_optimizer",
-                p.offload_optimizer,
-                "set parallel.zero_stage to 1, 2 or 3 (offload works on ZeRO-partitioned states), or offload_optimizer: none",
-                reason="offload needs ZeRO",
-            )
-        )
-    if p.offload_params != "none" and p.zero_stage != 3:
-        e.append(
-            SpecError(
-                "parallel.offload_params",
-                p.offload_params,
-                "set parallel.zero_stage: 3 (only ZeRO 3 partitions parameters), or offload_params: none",
-                reason="parameter offload needs ZeRO 3",
-            )
-        )
-    if p.offload_optimizer == "nvme" and p.zero_stage != 3:
-        e.append(
-            SpecError(
-                "parallel.offload_optimizer",
-                "nvme",
-                "set parallel.zero_stage: 3 for NVMe optimizer offload (ZeRO-Infinity), or use offload_optimizer: cpu",
-                reason="NVMe optimizer offload needs ZeRO 3",
-            )
-        )
     if "nvme" in (p.offload_optimizer, p.offload_params) and not p.nvme_path:
-        e.append(
+        return [
             SpecError(
                 "parallel.nvme_path",
                 None,
                 "set parallel.nvme_path to a directory on a fast local NVMe drive",
                 reason="NVMe offload needs a path",
             )
-        )
-    if p.offload_optimizer != "none" and spec.optimizer.impl == "torch":
-        e.append(
-            SpecError(
-                "optimizer.impl",
-                "torch",
-                "use optimizer.impl: deepspeed with offload (DeepSpeed's CPU Adam runs the offloaded step)",
-                reason="a torch optimizer cannot run on offloaded states",
-            )
-        )
-    return e
+        ]
+    return []
 
 
 def _precision(spec: RunSpec, world_size: int) -> list[SpecError]:
@@ -365,4 +256,4 @@ def _schedule(spec: RunSpec, world_size: int) -> list[SpecError]:
     return e
 
 
-__all__ = ["PRESETS", "check_spec", "data_parallel_size"]
+__all__ = ["check_spec"]

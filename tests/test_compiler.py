@@ -11,7 +11,7 @@ from conftest import EXAMPLES, ROOT
 
 from harness.batch import solve_batch
 from harness.cli import main, set_groups_last
-from harness.dsconfig import compile_config
+from harness.compiler import compile_config
 from harness.errors import SpecError
 from harness.spec import BatchSection, RunSpec
 from harness.specload import dump_spec, load_spec, parse_overrides, spec_from_dict

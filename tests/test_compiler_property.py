@@ -12,11 +12,11 @@ from typing import Any
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from harness.compiler import compile_config
 from harness.dscheck import validate_config
-from harness.dsconfig import compile_config
 from harness.errors import SpecError
+from harness.parallel_dims import data_parallel_size
 from harness.specload import spec_from_dict
-from harness.validate import data_parallel_size
 
 BATCH_PAIRS = [
     ("global_batch_size", "micro_batch_size"),

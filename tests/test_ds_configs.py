@@ -10,8 +10,8 @@ import pytest
 from conftest import ROOT
 
 from harness.dscheck import KNOWN_TOP_LEVEL_KEYS, probe_top_level_keys, validate_config
+from harness.parallel_dims import data_parallel_size
 from harness.specload import load_spec
-from harness.validate import data_parallel_size
 
 
 def _load_generator():

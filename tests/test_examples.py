@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import EXAMPLES
 
+from harness.compiler import compile_resolved
 from harness.dscheck import validate_config
-from harness.dsconfig import compile_resolved
 from harness.specload import load_spec
 
 SPECS = sorted(EXAMPLES.rglob("*.yaml"))

@@ -13,14 +13,13 @@ from hypothesis import strategies as hs
 
 from harness.cli import main
 from harness.errors import SpecError
-from harness.planner import flops_per_token, peak_flops
-from harness.planner.devices import DEVICES, GIB, get_device
+from harness.planner.devices import DEVICES, GIB, get_device, peak_flops
 from harness.planner.layout import Context, Layout
 from harness.planner.memory import estimate_memory
 from harness.planner.modelstats import model_stats
 from harness.planner.search import SearchSpace, search
 from harness.planner.shards import pipeline_shards
-from harness.planner.speed import estimate_speed
+from harness.planner.speed import estimate_speed, flops_per_token
 from harness.presets import PRESETS, preset_config, shape_of
 from harness.specload import load_spec
 from tests.conftest import EXAMPLES, ROOT

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.dsconfig import REDUCE_BUCKET_ELEMS, STAGE3_PARAM_PERSISTENCE_ELEMS
+from harness.ds_defaults import REDUCE_BUCKET_ELEMS, STAGE3_PARAM_PERSISTENCE_ELEMS
 from harness.planner.devices import get_device
 from harness.planner.layout import Context, Layout
 from harness.planner.memory import activation_bytes_per_layer, deepspeed_buffers, model_states

@@ -84,7 +84,7 @@ def describe(launch: Launch, run_dir: str, world_size: int) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, write the run directory, run the launcher and report how the run ended."""
-    from harness.cli import load_from_args
+    from harness.cliargs import load_from_args
     from harness.rundir import STATUS_FILE, prepare_run_dir, read_status
 
     spec = load_from_args(args)
@@ -152,7 +152,7 @@ def _run(cmd: list[str], env: dict[str, str], cwd: str) -> int:
 
 def cmd_slurm(args: argparse.Namespace) -> int:
     """Render the sbatch script into the run directory; with --submit, sbatch it."""
-    from harness.cli import load_from_args
+    from harness.cliargs import load_from_args
 
     return _slurm(load_from_args(args), args.spec, write=True, submit=args.submit)
 
@@ -194,6 +194,6 @@ def _slurm(spec, source: str, *, write: bool, submit: bool) -> int:
 
 
 def _write(path: Path, text: str) -> None:
-    from harness.cli import write_atomic
+    from harness.rundir import write_atomic
 
     write_atomic(path, text)

@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from harness.parallel_dims import data_parallel_size, target_global_batch
 from harness.planner.devices import GIB, describe
 from harness.planner.layout import Layout
 from harness.planner.search import (
@@ -27,7 +28,6 @@ from harness.planner.search import (
     evaluate,
     search,
     spec_layout,
-    target_global_batch,
 )
 from harness.spec import RunSpec
 
@@ -46,7 +46,7 @@ _COMPONENTS = {
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the spec named on the command line; print a table (or JSON with ``--json``)."""
-    from harness.cli import load_from_args, world_from_args
+    from harness.cliargs import load_from_args, world_from_args
 
     spec = load_from_args(args)
     world = world_from_args(args, spec)
@@ -63,8 +63,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def plan_spec(spec: RunSpec, world: int) -> PlanResult:
     """Search every layout for the spec's model, sequence, batch and cluster."""
     ctx = context_from_spec(spec, world)
-    model_parallel = max(1, spec.parallel.pipeline_stages * spec.parallel.tensor_parallel)
-    dp = world // model_parallel if world % model_parallel == 0 else world
+    dp = data_parallel_size(spec, world)  # the spec's own layout fixes what the global batch means
     space = SearchSpace(global_batch=target_global_batch(spec, dp))
     result = search(ctx, space)
     own = spec_layout(spec, world)

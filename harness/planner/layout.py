@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from harness.parallel_dims import ModelDims
 from harness.planner.devices import Device
 from harness.planner.modelstats import ModelStats
 
@@ -33,6 +34,8 @@ class Context:
     """Whether the model applies dropout (GPT-2's defaults do; the Llama family's do not)."""
     partition_method: str = "parameters"
     """How pipeline stages split the layers (``parameters`` or ``uniform``; ``type:`` is read as uniform)."""
+    optimizer_impl: str = "deepspeed"
+    """``deepspeed`` or ``torch`` (a torch optimizer cannot run offloaded: no offload layouts then)."""
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     """Per-context memo (pipeline splits), so a search computes each split once."""
 
@@ -40,6 +43,12 @@ class Context:
     def world_size(self) -> int:
         """Ranks in the job."""
         return self.nodes * self.gpus_per_node
+
+    @property
+    def model_dims(self) -> ModelDims:
+        """The numbers the layout rules read (:class:`harness.parallel_dims.ParallelDims`)."""
+        st = self.stats
+        return ModelDims(model_type=st.model_type, layers=st.layers, heads=st.heads, kv_heads=st.kv_heads)
 
     @property
     def lp_bytes(self) -> int:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from harness.dsconfig import (
+from harness.ds_defaults import (
     REDUCE_BUCKET_ELEMS,
     STAGE3_MAX_LIVE_PARAMS,
     STAGE3_PARAM_PERSISTENCE_ELEMS,

@@ -1,7 +1,7 @@
 """Resolve ``auto`` spec fields through the planner: the fastest layout that fits, with the spec's
 concrete fields held fixed.
 
-``harness.dsconfig.resolve_layout`` calls :func:`resolve_auto` whenever ``parallel.zero_stage`` or a
+``harness.compiler.resolve_layout`` calls :func:`resolve_auto` whenever ``parallel.zero_stage`` or a
 batch field says ``auto``; ``harness show``, ``config`` and ``train`` therefore all see the same
 resolved numbers.
 """
@@ -11,35 +11,18 @@ from __future__ import annotations
 from dataclasses import replace
 
 from harness.errors import SpecError
+from harness.parallel_dims import auto_fields, data_parallel_size, target_global_batch
 from harness.planner.devices import GIB
 from harness.planner.search import PlanResult, SearchSpace, context_from_spec, search
 from harness.spec import AUTO, RunSpec
 
 
-def auto_fields(spec: RunSpec) -> list[str]:
-    """Names of the spec fields that say ``auto``."""
-    b = spec.batch
-    fields = [("parallel.zero_stage", spec.parallel.zero_stage)]
-    fields += [(f"batch.{n}", getattr(b, n)) for n in ("global_batch_size", "micro_batch_size", "grad_accum")]
-    return [name for name, value in fields if value == AUTO]
-
-
 def space_for_spec(spec: RunSpec, world_size: int) -> SearchSpace:
     """The search space that varies only the spec's ``auto`` fields."""
     p, b = spec.parallel, spec.batch
-    dp = world_size // max(1, p.pipeline_stages * p.tensor_parallel)
-    if b.global_batch_tokens is not None:
-        global_batch: int | None = b.global_batch_tokens // spec.data.seq_len
-    elif isinstance(b.global_batch_size, int):
-        global_batch = b.global_batch_size
-    elif isinstance(b.micro_batch_size, int) and isinstance(b.grad_accum, int):
-        global_batch = b.micro_batch_size * b.grad_accum * dp
-    else:
-        global_batch = None
+    global_batch = target_global_batch(spec, data_parallel_size(spec, world_size))
     micro = b.micro_batch_size if isinstance(b.micro_batch_size, int) else None
     accum = b.grad_accum if isinstance(b.grad_accum, int) else None
-    if global_batch is None and micro is not None and accum is None and b.grad_accum is None:
-        accum = 1  # only a micro batch given: the batch solver's default accumulation
     checkpointing = spec.model.gradient_checkpointing or p.activation_checkpoint_interval > 0
     return SearchSpace(
         zero_stages=(0, 1, 2, 3) if p.zero_stage == AUTO else (int(p.zero_stage),),

@@ -12,14 +12,16 @@ import time
 from dataclasses import dataclass, field
 from itertools import product
 
+from harness.batch import solve_batch
 from harness.errors import SpecError
+from harness.parallel_dims import ParallelDims, auto_fields, data_parallel_size
 from harness.planner.devices import get_device
 from harness.planner.layout import Context, Layout
 from harness.planner.memory import MemoryEstimate, estimate_memory
 from harness.planner.modelstats import model_stats
 from harness.planner.speed import SpeedEstimate, estimate_speed
 from harness.presets import model_config_dict
-from harness.spec import AUTO, RunSpec
+from harness.spec import RunSpec
 
 _LOG_TIE = math.log(1.005)
 MAX_FREE_MICRO_BATCH = 64
@@ -110,28 +112,14 @@ def context_from_spec(spec: RunSpec, world_size: int) -> Context:
         attn_implementation=spec.model.attn_implementation,
         dropout=dropout,
         partition_method="parameters" if method == "parameters" else "uniform",
+        optimizer_impl=spec.optimizer.impl,
     )
-
-
-def target_global_batch(spec: RunSpec, dp_of_spec: int) -> int | None:
-    """Samples per step the spec asks for; None when the batch is left to the planner."""
-    b = spec.batch
-    if b.global_batch_tokens is not None:
-        return b.global_batch_tokens // spec.data.seq_len
-    if isinstance(b.global_batch_size, int):
-        return b.global_batch_size
-    if b.global_batch_size == AUTO or AUTO in (b.micro_batch_size, b.grad_accum):
-        return None
-    return (b.micro_batch_size or 1) * (b.grad_accum or 1) * dp_of_spec
 
 
 def spec_layout(spec: RunSpec, world_size: int) -> Layout | None:
     """The layout a concrete spec asks for (None when a field is ``auto`` or the batch does not solve)."""
-    from harness.batch import solve_batch
-    from harness.validate import data_parallel_size
-
     p, b = spec.parallel, spec.batch
-    if AUTO in (p.zero_stage, b.global_batch_size, b.micro_batch_size, b.grad_accum):
+    if auto_fields(spec):
         return None
     try:
         plan = solve_batch(b, data_parallel_size(spec, world_size), spec.data.seq_len)
@@ -159,13 +147,20 @@ def _divisors(n: int) -> list[int]:
 
 
 def _model_parallel_options(ctx: Context, space: SearchSpace) -> list[tuple[int, int]]:
-    st, world = ctx.stats, ctx.world_size
-    pps = space.pipeline_stages or tuple(k for k in _divisors(world) if k <= st.layers)
-    tps = space.tensor_parallel or tuple(
-        k for k in _divisors(ctx.gpus_per_node) if st.heads % k == 0 and st.kv_heads % k == 0
-    )
-    # DeepSpeed: AutoTP does not run inside pipeline stages (harness.validate refuses the mix).
-    return [(pp, tp) for pp in pps for tp in tps if world % (pp * tp) == 0 and (pp == 1 or tp == 1)]
+    """(pipeline, tensor) degrees to try: divisors of the world (tensor parallel within a node) that
+    :class:`~harness.parallel_dims.ParallelDims` allows for this model, whatever the ZeRO stage."""
+    world = ctx.world_size
+    pps = space.pipeline_stages or tuple(_divisors(world))
+    tps = space.tensor_parallel or tuple(_divisors(ctx.gpus_per_node))
+    model = ctx.model_dims
+    return [
+        (pp, tp)
+        for pp in pps
+        for tp in tps
+        if not ParallelDims(world_size=world, pipeline_stages=pp, tensor_parallel=tp, zero_stage=0).problems(
+            model
+        )
+    ]
 
 
 def _batch_splits(space: SearchSpace, dp: int, pp: int) -> list[tuple[int, int]]:
@@ -185,34 +180,40 @@ def _batch_splits(space: SearchSpace, dp: int, pp: int) -> list[tuple[int, int]]
 
 
 def enumerate_layouts(ctx: Context, space: SearchSpace) -> list[Layout]:
-    """Every layout the rules allow: ZeRO 2/3 not under pipelines, ZeRO 3 not under AutoTP, offload
-    only with ZeRO, parameter offload only with ZeRO 3 (the same rules harness.validate enforces)."""
+    """Every layout in ``space`` that :meth:`ParallelDims.problems` finds nothing wrong with (the same
+    rules ``harness show``/``train`` enforce), for each batch split of the global batch."""
     layouts: list[Layout] = []
     for pp, tp in _model_parallel_options(ctx, space):
         dp = ctx.world_size // (pp * tp)
         splits = _batch_splits(space, dp, pp)
         if not splits:
             continue
-        for z, off, offp, ckpt in product(
-            space.zero_stages, space.offload_optimizer, space.offload_params, space.checkpointing
-        ):
-            if (pp > 1 and z > 1) or (tp > 1 and z == 3):
+        for z, off, offp in product(space.zero_stages, space.offload_optimizer, space.offload_params):
+            dims = ParallelDims(
+                world_size=ctx.world_size,
+                pipeline_stages=pp,
+                tensor_parallel=tp,
+                zero_stage=z,
+                offload_optimizer=off,
+                offload_params=offp,
+                optimizer_impl=ctx.optimizer_impl,
+            )
+            if dims.problems():
                 continue
-            if (z == 0 and off != "none") or (z != 3 and offp != "none") or (off == "nvme" and z != 3):
-                continue
-            for mb, ga in splits:
-                layouts.append(
-                    Layout(
-                        zero_stage=z,
-                        offload_optimizer=off,
-                        offload_params=offp,
-                        pipeline_stages=pp,
-                        tensor_parallel=tp,
-                        micro_batch_size=mb,
-                        grad_accum=ga,
-                        checkpointing=ckpt,
+            for ckpt in space.checkpointing:
+                for mb, ga in splits:
+                    layouts.append(
+                        Layout(
+                            zero_stage=z,
+                            offload_optimizer=off,
+                            offload_params=offp,
+                            pipeline_stages=pp,
+                            tensor_parallel=tp,
+                            micro_batch_size=mb,
+                            grad_accum=ga,
+                            checkpointing=ckpt,
+                        )
                     )
-                )
     return layouts
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from harness.dsconfig import REDUCE_BUCKET_ELEMS, STAGE3_MAX_REUSE_DISTANCE, STAGE3_PARAM_PERSISTENCE_ELEMS
+from harness.ds_defaults import REDUCE_BUCKET_ELEMS, STAGE3_MAX_REUSE_DISTANCE, STAGE3_PARAM_PERSISTENCE_ELEMS
 from harness.planner.devices import Device
 from harness.planner.layout import Context, Layout
 from harness.planner.modelstats import ModelStats, stats_from_shape

@@ -1,7 +1,8 @@
 """The DeepSpeed engine for a spec: model, optimizer, and one training step.
 
 Plain (ZeRO 0-3, AutoTP) models step micro-batch by micro-batch through ``engine.backward`` /
-``engine.step``; pipeline layouts go through ``harness.train.pipeline_engine`` and ``train_batch``.
+``engine.step``; ``harness.train.pipeline_engine`` subclasses :class:`RunEngine` for ``train_batch``,
+and ``harness.train.engines.build_engine`` picks one of the two.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def data_parallel_coords(engine) -> tuple[int, int]:
 
 def model_flops_per_token(spec: RunSpec, vocab_size: int | None) -> float:
     """Model FLOPs per trained token for MFU (the planner's 6N + 12·L·h·s, from the model's config)."""
-    from harness.planner import flops_per_token
+    from harness.planner.speed import flops_per_token
     from harness.presets import shape_of
     from harness.train.model import hf_config
 
@@ -109,12 +110,8 @@ def optimizer_args(spec: RunSpec, net: torch.nn.Module) -> tuple[torch.optim.Opt
     return optimizer, None
 
 
-def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
-    """Build the model (partitioned at init under ZeRO 3) and wrap it in a DeepSpeed engine."""
-    if spec.parallel.pipeline_stages > 1:
-        from harness.train.pipeline_engine import build_pipeline_engine
-
-        return build_pipeline_engine(spec, ds_config, vocab_size)
+def build_plain_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
+    """Build the model (partitioned at init under ZeRO 3, sliced by AutoTP) in a DeepSpeed engine."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 

@@ -17,7 +17,8 @@ import torch.distributed as dist
 from harness.rundir import write_status
 from harness.spec import RunSpec
 from harness.train import checkpoint, signals
-from harness.train.engine import build_engine, data_parallel_coords
+from harness.train.engine import data_parallel_coords
+from harness.train.engines import build_engine
 from harness.train.metrics import MetricsLogger, Throughput, memory_per_rank_bytes
 
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from harness.errors import SpecError
 from harness.spec import RunSpec
-from harness.train.engine import RunEngine
+from harness.train.engine import RunEngine, model_flops_per_token, optimizer_args, peak_flops_per_rank
+from harness.train.model import build_model
 from harness.train.pipeline import (
     CausalLMLoss,
     DecoderLayer,
@@ -90,9 +91,6 @@ def build_pipeline_engine(
     import deepspeed
     from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import PipelineModule
-
-    from harness.train.engine import model_flops_per_token, optimizer_args, peak_flops_per_rank
-    from harness.train.model import build_model
 
     net = build_model(spec.model, ds_config, vocab_size)  # same constructor and seed as one process
     flops = model_flops_per_token(spec, vocab_size)

@@ -5,7 +5,7 @@
 
 Each layout gets its own engine (built, stepped, measured and destroyed in turn) so one launch covers
 every ZeRO stage. The model is a tiny HF Llama built from a config object; the DeepSpeed config comes
-from ``harness.dsconfig.compile_config``, so the engine sees exactly what a harness run would.
+from ``harness.compiler.compile_config``, so the engine sees exactly what a harness run would.
 
 What "held" means: every tensor reachable from the engine (module parameters, their ``.grad`` and
 DeepSpeed's per-parameter attributes such as ``ds_tensor``) and from the ZeRO/bf16 optimizer wrapper and
@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from harness.dsconfig import compile_config  # noqa: E402
+from harness.compiler import compile_config  # noqa: E402
 from harness.presets import model_config_dict  # noqa: E402
 from harness.specload import load_spec  # noqa: E402
 
