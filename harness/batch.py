@@ -73,7 +73,8 @@ def solve_batch(batch: BatchSection, data_parallel_size: int, seq_len: int) -> B
             raise SpecError(
                 "batch",
                 shown,
-                f"make the global batch a multiple of {which} × data_parallel_size = {known * dp}",
+                f"make the global batch a multiple of {which} × data_parallel_size = {known * dp} "
+                f"({nearest_multiples(glob, known * dp)})",
                 reason="the third batch value would not be an integer",
             )
         other = glob // (known * dp)
@@ -96,8 +97,18 @@ def _global_samples(batch: BatchSection, seq_len: int) -> int | None:
             raise SpecError(
                 "batch.global_batch_tokens",
                 batch.global_batch_tokens,
-                f"use a multiple of data.seq_len ({seq_len})",
+                f"use a multiple of data.seq_len = {seq_len} "
+                f"({nearest_multiples(batch.global_batch_tokens, seq_len)})",
                 reason="not a whole number of sequences",
             )
         return batch.global_batch_tokens // seq_len
     return batch.global_batch_size  # type: ignore[return-value]
+
+
+def nearest_multiples(value: int, step: int) -> str:
+    """The valid values around ``value`` when it must be a positive multiple of ``step``, in words:
+    ``nearest: 24 or 32`` (or just the one above when nothing positive lies below)."""
+    below, above = (value // step) * step, -(-value // step) * step
+    if below >= step and below != above:
+        return f"nearest: {below} or {above}"
+    return f"nearest: {max(above, step)}"

@@ -102,15 +102,21 @@ def parse_yaml(text: str, source: str = "<spec>") -> dict[str, Any]:
     return data
 
 
+SHORTHAND_KEYS = {"precision": "precision.dtype"}
+"""Sections whose scalar YAML shorthand (``precision: bf16``) names one of their keys."""
+
+
 def parse_overrides(pairs: list[str]) -> list[tuple[str, Any]]:
     """Parse ``section.key=value`` pairs; one string may hold several, separated by whitespace.
 
-    Values are YAML scalars (``1e-4`` → float, ``true`` → bool, ``[0.9, 0.95]`` → list).
+    Values are YAML scalars (``1e-4`` → float, ``true`` → bool, ``[0.9, 0.95]`` → list). A section
+    with a YAML shorthand takes it here too: ``precision=bf16`` is ``precision.dtype=bf16``.
     """
     out: list[tuple[str, Any]] = []
     for raw in pairs:
         for item in _split_pairs(raw):
             key, sep, value = item.partition("=")
+            key = SHORTHAND_KEYS.get(key.strip(), key)
             if not sep or not key or "." not in key:
                 raise SpecError(
                     "--set",

@@ -256,10 +256,11 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
     )
 
 
-def _candidate_json(c: Candidate) -> dict[str, Any]:
+def _candidate_json(c: Candidate, world_size: int) -> dict[str, Any]:
     return {
         "layout": asdict(c.layout),
         "label": c.layout.short(),
+        "set": c.layout.spec_overrides(world_size),
         "memory_bytes": {k: v for k, v in asdict(c.memory).items() if k != "peak_phase"},
         "peak_phase": c.memory.peak_phase,
         "fits": c.fits,
@@ -284,8 +285,8 @@ def plan_json(spec: RunSpec, result: PlanResult, top: int) -> dict[str, Any]:
         "evaluated": result.evaluated,
         "fitting": len(result.plans),
         "elapsed_s": result.elapsed_s,
-        "plans": [_candidate_json(c) for c in result.plans[:top]],
-        "fastest_rejected": [_candidate_json(c) for c in result.rejected[:top]],
-        "spec_layout": _candidate_json(result.own) if result.own else None,
+        "plans": [_candidate_json(c, ctx.world_size) for c in result.plans[:top]],
+        "fastest_rejected": [_candidate_json(c, ctx.world_size) for c in result.rejected[:top]],
+        "spec_layout": _candidate_json(result.own, ctx.world_size) if result.own else None,
         "explanation": explain(result, top),
     }

@@ -6,6 +6,7 @@ Both are plain frozen dataclasses; the memory and speed models are pure function
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from harness.parallel_dims import ModelDims
 from harness.planner.devices import Device
@@ -80,6 +81,26 @@ class Layout:
     def data_parallel(self, world_size: int) -> int:
         """Data-parallel degree d = world / (p × t)."""
         return world_size // (self.pipeline_stages * self.tensor_parallel)
+
+    def spec_overrides(self, world_size: int) -> dict[str, Any]:
+        """The spec fields that select this layout on ``world_size`` ranks, as ``--set`` would take them
+        (checkpointing is HF gradient checkpointing without pipeline stages, every layer with them)."""
+        pipelined = self.pipeline_stages > 1
+        return {
+            "parallel.zero_stage": self.zero_stage,
+            "parallel.offload_optimizer": self.offload_optimizer,
+            "parallel.offload_params": self.offload_params,
+            "parallel.pipeline_stages": self.pipeline_stages,
+            "parallel.tensor_parallel": self.tensor_parallel,
+            "parallel.activation_checkpoint_interval": int(self.checkpointing and pipelined),
+            "model.gradient_checkpointing": self.checkpointing and not pipelined,
+            "batch.micro_batch_size": self.micro_batch_size,
+            "batch.grad_accum": self.grad_accum,
+            "batch.global_batch_size": self.micro_batch_size
+            * self.grad_accum
+            * self.data_parallel(world_size),
+            "batch.global_batch_tokens": None,
+        }
 
     def short(self) -> str:
         """A compact label such as ``z3+off(opt) pp1 tp1 mb2x8 ckpt``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from harness.batch import nearest_multiples
 from harness.errors import SpecError
 from harness.parallel_dims import auto_fields, data_parallel_size, target_global_batch
 from harness.planner.devices import GIB
@@ -68,11 +69,18 @@ def resolve_auto(spec: RunSpec, world_size: int) -> RunSpec:
 def _nothing_fits(names: list[str], result: PlanResult) -> SpecError:
     ctx = result.context
     if not result.evaluated:
+        space, dp = result.space, ctx.world_size // max(1, _model_parallel(result))
+        which, step = "the data-parallel size", dp
+        if space.micro_batch is not None:
+            which, step = "batch.micro_batch_size × data-parallel size", space.micro_batch * dp
+        elif space.grad_accum is not None:
+            which, step = "batch.grad_accum × data-parallel size", space.grad_accum * dp
+        glob = space.global_batch
         return SpecError(
             names[0],
             AUTO,
-            f"make the global batch ({result.space.global_batch} samples) a multiple of the data-parallel "
-            f"size, or set the batch sizes explicitly",
+            f"make the global batch ({glob} samples) a multiple of {which} = {step} "
+            f"({nearest_multiples(glob, step) if glob else 'or set it'}), or set the batch sizes explicitly",
             reason="no micro batch × accumulation split matches the global batch",
         )
     smallest = min(result.rejected, key=lambda c: c.memory.total)
@@ -85,3 +93,8 @@ def _nothing_fits(names: list[str], result: PlanResult) -> SpecError:
         f"set parallel.offload_optimizer: cpu, shorten data.seq_len, or add launch.nodes",
         reason=f"no layout for the {', '.join(names)} field(s) fits in memory",
     )
+
+
+def _model_parallel(result: PlanResult) -> int:
+    space = result.space
+    return (space.pipeline_stages or (1,))[0] * (space.tensor_parallel or (1,))[0]

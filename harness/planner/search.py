@@ -170,7 +170,8 @@ def _batch_splits(space: SearchSpace, dp: int, pp: int) -> list[tuple[int, int]]
             return []
         per_replica = space.global_batch // dp
         micros = [space.micro_batch] if space.micro_batch else _divisors(per_replica)
-        return [(mb, per_replica // mb) for mb in micros if per_replica % mb == 0]
+        splits = [(mb, per_replica // mb) for mb in micros if per_replica % mb == 0]
+        return [(mb, ga) for mb, ga in splits if space.grad_accum in (None, ga)]
     micros = (
         [space.micro_batch] if space.micro_batch else [2**i for i in range(7) if 2**i <= MAX_FREE_MICRO_BATCH]
     )
