@@ -11,10 +11,10 @@ import random
 import shlex
 from pathlib import Path
 
+import helpers as h
 import numpy as np
 import pytest
 import torch
-import train_utils as tu
 
 from harness.errors import SpecError
 from harness.train import checkpoint
@@ -252,8 +252,8 @@ def test_export_refuses_a_planted_payload_with_a_clear_message(tmp_path, monkeyp
     from harness.cli import main
 
     monkeypatch.chdir(tmp_path)
-    spec, run_dir = tu.write_spec(tmp_path, "planted", zero_stage=0)
-    tu.prepare(spec)
+    spec, run_dir = h.write_spec(tmp_path, "planted", zero_stage=0)
+    h.prepare(spec)
     tag = make_tag(run_dir, 1)
     pwned = tmp_path / "PWNED"
     plant(tag / "mp_rank_00_model_states.pt", pwned)

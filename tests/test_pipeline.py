@@ -16,7 +16,7 @@ import inspect
 import json
 from pathlib import Path
 
-import parallel_runs as pr
+import helpers as h
 import pytest
 import torch
 
@@ -111,9 +111,9 @@ def base(tmp_path_factory) -> Path:
 @pytest.mark.dist
 def test_gpt2_tied_two_stages_match_one_process(base):
     part = {"parallel": {"pipeline_stages": 2, "partition_method": "uniform"}}
-    ref = pr.train(*pr.write_spec(base, "gpt2-1", model="gpt2"))
-    pipe = pr.train(*pr.write_spec(base, "gpt2-pp2", model="gpt2", ranks=2, extra=part))
-    pr.assert_same_losses(pr.losses(pipe), pr.losses(ref), range(1, 6))
+    ref = h.trained(*h.write_parallel_spec(base, "gpt2-1", model="gpt2"))
+    pipe = h.trained(*h.write_parallel_spec(base, "gpt2-pp2", model="gpt2", ranks=2, extra=part))
+    h.assert_same_losses(h.step_losses(pipe), h.step_losses(ref), range(1, 6))
     tag = pipe / "checkpoints" / "step-00000005"
     assert (tag / "layer_00-model_states.pt").is_file() and (tag / "mp_rank_01_model_states.pt").is_file()
     # The tied head is written once (with the embedding, on stage 0) and re-tied by the export: both
@@ -125,7 +125,7 @@ def test_gpt2_tied_two_stages_match_one_process(base):
     from harness.train.mp_shards import pipeline_state_dict
 
     assert "lm_head.weight" not in pipeline_state_dict(tag)
-    ids = (torch.arange(2 * pr.SEQ_LEN).reshape(2, pr.SEQ_LEN) * 7919 + 13) % pr.VOCAB
+    ids = (torch.arange(2 * h.SEQ_LEN).reshape(2, h.SEQ_LEN) * 7919 + 13) % h.VOCAB
     logits = []
     for run in (pipe, ref):
         model = AutoModelForCausalLM.from_pretrained(export_checkpoint(run, base / f"{run.name}-hf")).eval()
@@ -138,23 +138,23 @@ def test_gpt2_tied_two_stages_match_one_process(base):
 @pytest.fixture(scope="module")
 def llama_runs(base) -> tuple[Path, Path]:
     """One process and 2 stages (partition by parameters), 10 steps; the latter saves at 5 and 10."""
-    ref = pr.train(*pr.write_spec(base, "llama-1", steps=10))
+    ref = h.trained(*h.write_parallel_spec(base, "llama-1", steps=10))
     extra = {"parallel": {"pipeline_stages": 2}, "train": {"save_every": 5}}
-    pipe = pr.train(*pr.write_spec(base, "llama-pp2", ranks=2, steps=10, extra=extra))
+    pipe = h.trained(*h.write_parallel_spec(base, "llama-pp2", ranks=2, steps=10, extra=extra))
     return ref, pipe
 
 
 @pytest.mark.dist
 def test_llama_two_stages_match_one_process(llama_runs):
     ref, pipe = llama_runs
-    pr.assert_same_losses(pr.losses(pipe), pr.losses(ref), range(1, 11))
+    h.assert_same_losses(h.step_losses(pipe), h.step_losses(ref), range(1, 11))
     val = [
         json.loads(line) for line in (pipe / "metrics.jsonl").read_text().splitlines() if "val_loss" in line
     ]
     ref_val = [
         json.loads(line) for line in (ref / "metrics.jsonl").read_text().splitlines() if "val_loss" in line
     ]
-    assert val[-1]["val_loss"] == pytest.approx(ref_val[-1]["val_loss"], rel=pr.RTOL)
+    assert val[-1]["val_loss"] == pytest.approx(ref_val[-1]["val_loss"], rel=h.RTOL)
 
 
 @pytest.mark.dist
@@ -163,18 +163,18 @@ def test_resume_from_pipeline_checkpoint_is_exact(base, llama_runs):
     step5 = pipe / "checkpoints" / "step-00000005"
     assert (step5 / "COMPLETE").is_file()
     extra = {"parallel": {"pipeline_stages": 2}, "checkpoint": {"resume": str(step5)}}
-    resumed = pr.train(*pr.write_spec(base, "llama-pp2-resumed", ranks=2, steps=10, extra=extra))
-    got, want = pr.losses(resumed), pr.losses(pipe)
+    resumed = h.trained(*h.write_parallel_spec(base, "llama-pp2-resumed", ranks=2, steps=10, extra=extra))
+    got, want = h.step_losses(resumed), h.step_losses(pipe)
     assert sorted(got) == list(range(6, 11))
     assert [got[s] for s in range(6, 11)] == [want[s] for s in range(6, 11)]  # bitwise
 
 
 @pytest.mark.dist
 def test_two_stages_times_two_data_parallel_match_data_parallel(base):
-    dp = pr.train(*pr.write_spec(base, "llama-dp2", ranks=2))
+    dp = h.trained(*h.write_parallel_spec(base, "llama-dp2", ranks=2))
     extra = {"parallel": {"pipeline_stages": 2}}
-    both = pr.train(*pr.write_spec(base, "llama-pp2-dp2", ranks=4, extra=extra))
-    pr.assert_same_losses(pr.losses(both), pr.losses(dp), range(1, 6))
+    both = h.trained(*h.write_parallel_spec(base, "llama-pp2-dp2", ranks=4, extra=extra))
+    h.assert_same_losses(h.step_losses(both), h.step_losses(dp), range(1, 6))
     world = json.loads((both / "ds_config.json").read_text())
     assert world["train_batch_size"] == 2 * 2 * 2  # micro × accumulation × data-parallel 2
 
@@ -198,18 +198,20 @@ def test_hf_checkpoint_into_two_stages_then_export(base):
 
     hf_dir = base / "qwen2-hf"
     cfg = Qwen2Config(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                      num_hidden_layers=4, vocab_size=pr.VOCAB, max_position_embeddings=128,
+                      num_hidden_layers=4, vocab_size=h.VOCAB, max_position_embeddings=128,
                       tie_word_embeddings=True)  # fmt: skip
     torch.manual_seed(7)
     AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(hf_dir)
     model = {"name_or_path": str(hf_dir)}
     data = {"data": {"files": [str(_corpus(base / "corpus.txt"))], "val_fraction": 0.05}}
     zero1 = {**data, "parallel": {"zero_stage": 1}}
-    ref = pr.train(*pr.write_spec(base, "qwen2-1", model=model, extra=zero1))
+    ref = h.trained(*h.write_parallel_spec(base, "qwen2-1", model=model, extra=zero1))
     layout = {"pipeline_stages": 2, "zero_stage": 1, "partition_method": "type:DecoderLayer",
               "activation_checkpoint_interval": 1}  # fmt: skip
-    spec, pipe = pr.write_spec(base, "qwen2-pp2", model=model, ranks=2, extra={**data, "parallel": layout})
-    record = pr.train_worker(spec, pipe, base / "qwen2-pp2.pt", ranks=2)
+    spec, pipe = h.write_parallel_spec(
+        base, "qwen2-pp2", model=model, ranks=2, extra={**data, "parallel": layout}
+    )
+    record = h.train_worker(spec, pipe, base / "qwen2-pp2.pt", ranks=2)
 
     ids = record["input_ids"]
     hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -218,7 +220,7 @@ def test_hf_checkpoint_into_two_stages_then_export(base):
     torch.testing.assert_close(record["initial_logits"], out.logits, rtol=1e-5, atol=1e-6)
     assert record["initial_loss"] == pytest.approx(float(out.loss), rel=1e-6)
 
-    pr.assert_same_losses(pr.losses(pipe), pr.losses(ref), range(1, 6))
+    h.assert_same_losses(h.step_losses(pipe), h.step_losses(ref), range(1, 6))
 
     exported = export_checkpoint(pipe, base / "qwen2-pp2-hf")
     trained = AutoModelForCausalLM.from_pretrained(exported, dtype=torch.float32).eval()
@@ -242,5 +244,5 @@ def test_hf_checkpoint_into_two_stages_then_export(base):
     ids=["zero2-with-stages", "world-does-not-factor", "more-stages-than-layers"],
 )  # fmt: skip
 def test_refused_before_launch(tmp_path, sets, expect):
-    spec, run_dir = pr.write_spec(tmp_path, "refused")
-    pr.assert_refused(spec, run_dir, *sets, expect=expect)
+    spec, run_dir = h.write_parallel_spec(tmp_path, "refused")
+    h.assert_refused(spec, run_dir, *sets, expect=expect)

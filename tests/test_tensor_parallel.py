@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-import parallel_runs as pr
+import helpers as h
 import pytest
 import torch
 
@@ -19,12 +19,12 @@ def test_tensor_parallel_2_matches_1_and_exports(tmp_path):
     from harness.train.export import export_checkpoint
 
     zero1 = {"parallel": {"zero_stage": 1}}
-    ref = pr.train(*pr.write_spec(tmp_path, "llama-tp1", extra=zero1))
-    spec, tp2 = pr.write_spec(
+    ref = h.trained(*h.write_parallel_spec(tmp_path, "llama-tp1", extra=zero1))
+    spec, tp2 = h.write_parallel_spec(
         tmp_path, "llama-tp2", ranks=2, extra={"parallel": {"zero_stage": 1, "tensor_parallel": 2}}
     )
-    record = pr.train_worker(spec, tp2, tmp_path / "tp2.pt", ranks=2)
-    pr.assert_same_losses(pr.losses(tp2), pr.losses(ref), range(1, 6))
+    record = h.train_worker(spec, tp2, tmp_path / "tp2.pt", ranks=2)
+    h.assert_same_losses(h.step_losses(tp2), h.step_losses(ref), range(1, 6))
     cfg = json.loads((tp2 / "ds_config.json").read_text())
     assert cfg["tensor_parallel"]["autotp_size"] == 2 and cfg["train_batch_size"] == 2 * 2  # data-parallel 1
 
@@ -39,7 +39,7 @@ def test_tensor_parallel_2_matches_1_and_exports(tmp_path):
     assert float(out.loss) == pytest.approx(record["trained_loss"], rel=1e-5)
     # The shards really were joined: full-size weights, not one rank's half.
     q = model.model.layers[0].self_attn.q_proj.weight
-    assert tuple(q.shape) == (64, 64) and model.lm_head.weight.shape[0] == pr.VOCAB
+    assert tuple(q.shape) == (64, 64) and model.lm_head.weight.shape[0] == h.VOCAB
 
 
 @pytest.mark.parametrize(
@@ -53,5 +53,5 @@ def test_tensor_parallel_2_matches_1_and_exports(tmp_path):
     ids=["heads-not-divisible", "gpt2-family", "zero3"],
 )  # fmt: skip
 def test_refused_before_launch(tmp_path, model, sets, expect):
-    spec, run_dir = pr.write_spec(tmp_path, "refused", model=model)
-    pr.assert_refused(spec, run_dir, *sets, expect=expect)
+    spec, run_dir = h.write_parallel_spec(tmp_path, "refused", model=model)
+    h.assert_refused(spec, run_dir, *sets, expect=expect)

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 
+import helpers as h
 import pytest
 import torch
-import train_utils as tu
 
 # (stage, model, dtype) that run by default (see the module docstring); the rest with HARNESS_FULL_MATRIX=1.
 DEFAULT_SET = {
@@ -36,17 +36,17 @@ def _matrix():
             for dtype in ("bf16", "fp32"):
                 marks = [pytest.mark.dist]
                 if (stage, model, dtype) not in DEFAULT_SET:
-                    marks.append(pytest.mark.skipif(not tu.FULL_MATRIX, reason=tu.FULL_MATRIX_REASON))
+                    marks.append(pytest.mark.skipif(not h.FULL_MATRIX, reason=h.FULL_MATRIX_REASON))
                 yield pytest.param(stage, model, dtype, id=f"zero{stage}-{model}-{dtype}", marks=marks)
 
 
 def _train_tiny(tmp_path, stage: int, model: str, dtype: str):
     name = f"zero{stage}-{model}-{dtype}"
-    spec, run_dir = tu.write_spec(
+    spec, run_dir = h.write_spec(
         tmp_path, name, model=model, zero_stage=stage, dtype=dtype, steps=8,
         extra={"checkpoint": {"export_hf": True}},
     )  # fmt: skip
-    tu.train_ok(spec, run_dir, step=8)
+    h.train_ok(spec, run_dir, step=8)
     return run_dir
 
 
@@ -65,7 +65,7 @@ def test_zero_stage_trains_with_falling_loss(request, tmp_path, stage, model, dt
     ds_config = json.loads((run_dir / "ds_config.json").read_text())
     assert ds_config["zero_optimization"]["stage"] == stage
     assert ds_config["bf16"]["enabled"] is (dtype == "bf16")
-    losses = tu.step_losses(run_dir)
+    losses = h.step_losses(run_dir)
     assert sorted(losses) == list(range(1, 9)), losses
     first, last_two = losses[1], (losses[7] + losses[8]) / 2
     assert last_two < first - 0.1, f"loss did not fall: {losses}"
@@ -76,7 +76,7 @@ def test_zero_stage_trains_with_falling_loss(request, tmp_path, stage, model, dt
     # runs (not the bf16 copies the forward pass used: those would all be bf16-representable).
     from safetensors.torch import load_file
 
-    exported = [r for r in tu.read_metrics(run_dir) if r.get("event") == "exported"]
+    exported = [r for r in h.read_metrics(run_dir) if r.get("event") == "exported"]
     assert len(exported) == 1 and exported[0]["step"] == 8
     weights = load_file(run_dir / "hf" / "model.safetensors")
     assert weights and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
@@ -88,7 +88,7 @@ def test_zero_stage_trains_with_falling_loss(request, tmp_path, stage, model, dt
 @pytest.mark.dist
 def test_metrics_records_and_tensorboard(shared_run):
     run_dir = shared_run
-    records = tu.read_metrics(run_dir)
+    records = h.read_metrics(run_dir)
     steps = [r for r in records if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, 9))
     for r in steps:
@@ -116,12 +116,10 @@ def test_metrics_records_and_tensorboard(shared_run):
 
 
 def test_dry_run_prints_the_launch_and_starts_nothing(tmp_path):
-    spec, run_dir = tu.write_spec(tmp_path, "dry")
-    port = tu.free_port()
-    proc = tu.run_harness(
-        "train", str(spec), "--dry-run", "--set", f"launch.master_port={port}", cwd=tmp_path
-    )
-    assert proc.returncode == 0, tu.output_of(proc)
+    spec, run_dir = h.write_spec(tmp_path, "dry")
+    port = h.free_port()
+    proc = h.run_harness("train", str(spec), "--dry-run", "--set", f"launch.master_port={port}", cwd=tmp_path)
+    assert proc.returncode == 0, h.output_of(proc)
     command = proc.stdout.strip().splitlines()[-1]
     assert "-m deepspeed.launcher.runner --num_gpus 2" in command
     assert f"--master_port {port}" in command
@@ -131,10 +129,10 @@ def test_dry_run_prints_the_launch_and_starts_nothing(tmp_path):
 
 
 def test_dry_run_of_the_shipped_example_writes_nothing(tmp_path):
-    proc = tu.run_harness(
-        "train", str(tu.ROOT / "examples" / "tiny-cpu.yaml"), "--dry-run",
+    proc = h.run_harness(
+        "train", str(h.ROOT / "examples" / "tiny-cpu.yaml"), "--dry-run",
         "--set", f"run.output_dir={tmp_path}", cwd=tmp_path,
     )  # fmt: skip
-    assert proc.returncode == 0, tu.output_of(proc)
+    assert proc.returncode == 0, h.output_of(proc)
     assert "--module harness.train.entry --run-dir" in proc.stdout
     assert list(tmp_path.iterdir()) == []

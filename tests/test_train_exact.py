@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers as h
 import pytest
 import torch
-import train_utils as tu
 
 pytestmark = pytest.mark.dist
 
@@ -47,14 +47,14 @@ def test_gradient_averaging_matches_one_rank_with_the_whole_batch(tmp_path):
         "steps": 4,
         "extra": {"optimizer": {"impl": "torch"}, "checkpoint": {"export_hf": True}},
     }
-    one_spec, one_dir = tu.write_spec(
+    one_spec, one_dir = h.write_spec(
         tmp_path, "one-rank", micro_batch_size=8, grad_accum=1, ranks=1, **common
     )
-    two_spec, two_dir = tu.write_spec(
+    two_spec, two_dir = h.write_spec(
         tmp_path, "two-ranks", micro_batch_size=2, grad_accum=2, ranks=2, **common
     )
-    tu.train_ok(one_spec, one_dir, step=4)
-    tu.train_ok(two_spec, two_dir, step=4)
+    h.train_ok(one_spec, one_dir, step=4)
+    h.train_ok(two_spec, two_dir, step=4)
 
     for run_dir, world, micro, accum in ((one_dir, 1, 8, 1), (two_dir, 2, 2, 2)):
         cfg = json.loads((run_dir / "ds_config.json").read_text())
@@ -62,7 +62,7 @@ def test_gradient_averaging_matches_one_rank_with_the_whole_batch(tmp_path):
         assert cfg["gradient_accumulation_steps"] == accum
         assert json.loads((run_dir / "world.json").read_text())["world_size"] == world
 
-    one, two = tu.step_losses(one_dir), tu.step_losses(two_dir)
+    one, two = h.step_losses(one_dir), h.step_losses(two_dir)
     assert sorted(one) == sorted(two) == [1, 2, 3, 4]
     for step in one:
         assert two[step] == pytest.approx(one[step], rel=1e-5, abs=0), (step, one, two)
@@ -97,7 +97,7 @@ RESUME_WEIGHT_RTOL_DEEPSPEED = 1e-3
     [
         "torch",
         # Three more launches for a known, documented drift: with HARNESS_FULL_MATRIX=1 only.
-        pytest.param("deepspeed", marks=pytest.mark.skipif(not tu.FULL_MATRIX, reason=tu.FULL_MATRIX_REASON)),
+        pytest.param("deepspeed", marks=pytest.mark.skipif(not h.FULL_MATRIX, reason=h.FULL_MATRIX_REASON)),
     ],
 )
 def test_resume_is_exact_with_dropout(tmp_path, impl, capsys):
@@ -108,25 +108,25 @@ def test_resume_is_exact_with_dropout(tmp_path, impl, capsys):
         "micro_batch_size": 2,
         "grad_accum": 2,
         "extra": {
-            "model": {"overrides": tu.GPT2_DROPOUT},
+            "model": {"overrides": h.GPT2_DROPOUT},
             "optimizer": {"impl": impl},
             # Warm-up ends at the resume point: lost scheduler state would restart it (lr 0) after resume.
             "schedule": {"warmup_steps": 5, "decay": "constant"},
             "checkpoint": {"keep_last": 3},
         },
     }
-    whole_spec, whole_dir = tu.write_spec(tmp_path, "whole", steps=10, **common)
-    split_spec, split_dir = tu.write_spec(tmp_path, "split", steps=5, **common)
-    tu.train_ok(whole_spec, whole_dir, step=10)
-    tu.train_ok(split_spec, split_dir, step=5)
+    whole_spec, whole_dir = h.write_spec(tmp_path, "whole", steps=10, **common)
+    split_spec, split_dir = h.write_spec(tmp_path, "split", steps=5, **common)
+    h.train_ok(whole_spec, whole_dir, step=10)
+    h.train_ok(split_spec, split_dir, step=5)
     # A fresh `harness train` of the same run: resume: auto finds step 5 by its COMPLETE marker.
-    tu.train_ok(split_spec, split_dir, "train.steps=10", step=10)
+    h.train_ok(split_spec, split_dir, "train.steps=10", step=10)
 
-    records = tu.read_metrics(split_dir)
+    records = h.read_metrics(split_dir)
     resumed = [r for r in records if r.get("event") == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] == 5, resumed
     assert resumed[0]["from"].endswith("step-00000005")
-    whole, split = tu.step_losses(whole_dir), tu.step_losses(split_dir)
+    whole, split = h.step_losses(whole_dir), h.step_losses(split_dir)
     assert sorted(whole) == sorted(split) == list(range(1, 11))
     for step in range(1, 6):  # same seed, same run until the interruption
         assert split[step] == whole[step], (step, whole, split)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import helpers as h
 import pytest
 import torch
-import train_utils as tu
 
 pytestmark = pytest.mark.dist
 
@@ -33,18 +33,18 @@ def trained(tmp_path_factory):
         if stage not in done:
             model = LAYOUTS[stage]
             base = tmp_path_factory.mktemp(f"export-zero{stage}")
-            spec, run_dir = tu.write_spec(
+            spec, run_dir = h.write_spec(
                 base, f"export-zero{stage}", model=model, zero_stage=stage, dtype="fp32", steps=STEPS,
-                extra={"model": {"overrides": tu.GPT2_NO_DROPOUT}} if model == "gpt2" else None,
+                extra={"model": {"overrides": h.GPT2_NO_DROPOUT}} if model == "gpt2" else None,
             )  # fmt: skip
-            tu.prepare(spec)
+            h.prepare(spec)
             out = base / "engine_logits.pt"
-            proc = tu.launch_worker(
-                tu.WORKERS / "train_then_logits.py", "--run-dir", str(run_dir), "--out", str(out)
+            proc = h.launch_worker(
+                h.WORKERS / "train_then_logits.py", "--run-dir", str(run_dir), "--out", str(out)
             )
-            assert proc.returncode == 0, tu.output_of(proc)
-            assert tu.read_status(run_dir) == {"state": "complete", "step": STEPS}
-            losses = tu.step_losses(run_dir)
+            assert proc.returncode == 0, h.output_of(proc)
+            assert h.read_status(run_dir) == {"state": "complete", "step": STEPS}
+            losses = h.step_losses(run_dir)
             assert (losses[STEPS - 1] + losses[STEPS]) / 2 < losses[1] - 0.1, f"loss did not fall: {losses}"
             done[stage] = (run_dir, out)
         return done[stage]
@@ -82,8 +82,8 @@ def test_export_round_trip(trained, tmp_path, stage, capsys):
     assert tok.decode(tok("def main():").input_ids).startswith("def main")
 
     # The console command, in a process of its own.
-    proc = tu.run_harness("generate", str(hf_dir), "--prompt", "def ", "--max-new-tokens", "8")
-    assert proc.returncode == 0, tu.output_of(proc)
+    proc = h.run_harness("generate", str(hf_dir), "--prompt", "def ", "--max-new-tokens", "8")
+    assert proc.returncode == 0, h.output_of(proc)
     assert proc.stdout.startswith("def") and len(proc.stdout.strip()) > len("def")
 
 
