@@ -162,6 +162,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[tuple[str, Any]]) -> d
     return data
 
 
+MAX_SPEC_BYTES = 1_000_000
+"""Specs are a few KB; a bigger file is a wrong path (a data file), and YAML parsing it takes minutes."""
+
+
 def load_spec(
     path: str | Path | None = None, overrides: list[str] | None = None, text: str | None = None
 ) -> RunSpec:
@@ -173,6 +177,14 @@ def load_spec(
         if not p.is_file():
             raise SpecError(
                 "SPEC", str(path), "pass the path of an existing run spec YAML file", "no such file"
+            )
+        size = p.stat().st_size
+        if size > MAX_SPEC_BYTES:
+            raise SpecError(
+                "SPEC",
+                str(path),
+                "pass the run spec itself (a few KB of YAML); data belongs in data.files",
+                reason=f"{size:,} bytes, over the {MAX_SPEC_BYTES:,}-byte limit for a spec",
             )
         try:
             text = p.read_text(encoding="utf-8")
