@@ -48,3 +48,20 @@ def _remove_deepspeed_shm_buffers():
     yield
     for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
         leftover.unlink(missing_ok=True)
+
+
+@pytest.fixture
+def no_pwned(tmp_path):
+    """After the test: no PWNED file in the working directory, the repo or the test's tmp dir (the
+    launch tests feed shell injection strings to the builders; ``usefixtures("no_pwned")``)."""
+    yield
+    for where in (Path.cwd(), ROOT, tmp_path):
+        assert not list(where.rglob("PWNED")), f"an injection string ran a command (PWNED in {where})"
+
+
+@pytest.fixture
+def hostfile(tmp_path) -> Path:
+    """A two-host hostfile, one slot each."""
+    path = tmp_path / "hostfile"
+    path.write_text("node1 slots=1\nnode2 slots=1\n")
+    return path

@@ -82,6 +82,8 @@ INJECTIONS = [
     "|touch PWNED",
 ]
 CONTROL = ["a\nb", "a\rb", "a\x00b", "a\tb", "a\x1bb", "line\n#SBATCH --wrap=touch PWNED"]
+PY = "/opt/venv/bin/python"
+"""An interpreter path the pure launch builders write into commands (never run)."""
 
 
 # ------------------------------------------------------------------------------------------------ specs
