@@ -1,91 +1,23 @@
-"""The spec → DeepSpeed config compiler as pure functions: batch solver, config sections, --set, round trip."""
+"""harness.dsconfig (through harness.compiler.compile_config): every section of the DeepSpeed config,
+compiled from the spec's words, never ``"auto"``."""
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import EXAMPLES, ROOT
+from conftest import ROOT
+from helpers import sections_spec
 
-from harness.batch import solve_batch
-from harness.cli import main, set_groups_last
 from harness.compiler import compile_config
-from harness.errors import SpecError
-from harness.spec import BatchSection, RunSpec
-from harness.specload import dump_spec, load_spec, parse_overrides, spec_from_dict
-
-
-def spec_of(**sections: Any) -> RunSpec:
-    """A spec on llama-tiny with the given sections (plain dicts, as YAML would give)."""
-    data: dict[str, Any] = {"model": {"preset": "llama-tiny"}}
-    data.update(sections)
-    return spec_from_dict(data)
 
 
 def compiled(world: int = 2, **sections: Any) -> dict[str, Any]:
     """The DeepSpeed config for a llama-tiny spec on ``world`` ranks."""
-    return compile_config(spec_of(**sections), world)
+    return compile_config(sections_spec(**sections), world)
 
 
-# --- the batch triple
-
-
-@pytest.mark.parametrize("dp", [1, 2, 3, 8])
-def test_solve_global_and_micro(dp):
-    plan = solve_batch(BatchSection(global_batch_size=24 * dp, micro_batch_size=4), dp, seq_len=128)
-    assert (plan.micro_batch_size, plan.grad_accum, plan.data_parallel_size) == (4, 6, dp)
-    assert plan.global_batch_size == 24 * dp
-
-
-@pytest.mark.parametrize("dp", [1, 2, 3, 8])
-def test_solve_global_and_accum(dp):
-    plan = solve_batch(BatchSection(global_batch_size=24 * dp, grad_accum=3), dp, seq_len=128)
-    assert (plan.micro_batch_size, plan.grad_accum) == (8, 3)
-
-
-@pytest.mark.parametrize("dp", [1, 2, 3, 8])
-def test_solve_micro_and_accum(dp):
-    plan = solve_batch(BatchSection(micro_batch_size=5, grad_accum=7), dp, seq_len=128)
-    assert plan.global_batch_size == 5 * 7 * dp
-    assert plan.tokens_per_step == 5 * 7 * dp * 128
-
-
-def test_solve_all_three_consistent():
-    plan = solve_batch(BatchSection(global_batch_size=32, micro_batch_size=4, grad_accum=2), 4, seq_len=64)
-    assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (4, 2, 32)
-
-
-def test_solve_one_or_none_given():
-    assert solve_batch(BatchSection(global_batch_size=16), 4, 64).micro_batch_size == 4
-    assert solve_batch(BatchSection(global_batch_size=16), 4, 64).grad_accum == 1
-    assert (solve_batch(BatchSection(micro_batch_size=3), 2, 64).grad_accum, 3) == (1, 3)
-    plan = solve_batch(BatchSection(grad_accum=5), 2, 64)
-    assert (plan.micro_batch_size, plan.grad_accum) == (1, 5)
-    plan = solve_batch(BatchSection(), 2, 64)
-    assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (1, 1, 2)
-
-
-def test_solve_global_batch_tokens():
-    plan = solve_batch(BatchSection(global_batch_tokens=16 * 256, micro_batch_size=2), 4, seq_len=256)
-    assert (plan.micro_batch_size, plan.grad_accum, plan.global_batch_size) == (2, 2, 16)
-    assert plan.tokens_per_step == 16 * 256
-    plan = solve_batch(BatchSection(global_batch_tokens=16 * 256, grad_accum=4), 2, seq_len=256)
-    assert (plan.micro_batch_size, plan.grad_accum) == (2, 4)
-
-
-def test_solve_rejects_with_all_values_named():
-    with pytest.raises(SpecError) as exc:
-        solve_batch(BatchSection(global_batch_size=30, micro_batch_size=2, grad_accum=2), 4, 64)
-    for text in ("global=30", "micro_batch_size=2", "grad_accum=2", "data_parallel_size=4"):
-        assert text in exc.value.message
-    with pytest.raises(SpecError, match="multiple of grad_accum × data_parallel_size = 6"):
-        solve_batch(BatchSection(global_batch_size=10, grad_accum=3), 2, 64)
-    with pytest.raises(SpecError, match="multiple of data.seq_len"):
-        solve_batch(BatchSection(global_batch_tokens=100), 1, 64)
-    with pytest.raises(SpecError, match="resolve 'auto'"):
-        solve_batch(BatchSection(micro_batch_size="auto"), 1, 64)
+# --- the batch triple in the config
 
 
 def test_config_holds_the_triple():
@@ -301,161 +233,3 @@ def test_never_auto_in_shipped_configs():
     for path in sorted((ROOT / "ds_configs").glob("*.json")):
         text = path.read_text(encoding="utf-8")
         assert '"auto"' not in text, path.name
-
-
-# --- --set parsing
-
-
-def test_set_several_pairs_in_one():
-    assert parse_overrides(["train.steps=10 optimizer.lr=1e-4"]) == [
-        ("train.steps", 10),
-        ("optimizer.lr", 1e-4),
-    ]
-
-
-def test_set_repeated():
-    assert parse_overrides(["train.steps=10", "run.name=x"]) == [("train.steps", 10), ("run.name", "x")]
-
-
-def test_set_yaml_scalar_typing():
-    pairs = dict(
-        parse_overrides(["a.int=3 a.float=0.5 a.exp=3e-4 a.bool=true a.null=null a.str=hello a.q='7'"])
-    )
-    assert pairs == {"a.int": 3, "a.float": 0.5, "a.exp": 3e-4, "a.bool": True, "a.null": None, "a.str": "hello",
-                     "a.q": "7"}  # fmt: skip
-    assert type(pairs["a.int"]) is int and type(pairs["a.exp"]) is float
-
-
-def test_set_list_values():
-    assert parse_overrides(["optimizer.betas=[0.9, 0.99] train.steps=4"]) == [
-        ("optimizer.betas", [0.9, 0.99]),
-        ("train.steps", 4),
-    ]
-    assert parse_overrides(["data.files=[a.txt,b.txt]"]) == [("data.files", ["a.txt", "b.txt"])]
-
-
-def test_set_value_keeps_equals_signs():
-    assert parse_overrides(["run.name=a=b"]) == [("run.name", "a=b")]
-
-
-def test_set_applies_to_the_spec():
-    spec = load_spec(
-        EXAMPLES / "tiny-cpu.yaml", ["train.steps=7 optimizer.betas=[0.8, 0.9]", "precision.dtype=fp16"]
-    )
-    assert spec.train.steps == 7 and spec.optimizer.betas == [0.8, 0.9] and spec.precision.dtype == "fp16"
-    spec = load_spec(EXAMPLES / "tiny-cpu.yaml", ["deepspeed.zero_optimization.reduce_bucket_size=1000"])
-    assert spec.deepspeed == {"zero_optimization": {"reduce_bucket_size": 1000}}
-
-
-def test_cli_set_is_repeatable_and_multi(tmp_path, capsys):
-    assert main(["show", str(EXAMPLES / "tiny-cpu.yaml"), "--set", "train.steps=30", "batch.grad_accum=2",
-                 "--set", "launch.gpus_per_node=4"]) == 0  # fmt: skip
-    out = capsys.readouterr().out
-    assert "steps: 30" in out and "grad_accum: 2" in out and "world_size: 4" in out
-
-
-def test_cli_set_before_the_spec_path_does_not_swallow_it(capsys):
-    tiny = str(EXAMPLES / "tiny-cpu.yaml")
-    assert main(["show", "--set", "train.steps=30", "batch.grad_accum=2", tiny, "--world-size", "4"]) == 0
-    out = capsys.readouterr().out
-    assert "steps: 30" in out and "grad_accum: 2" in out and "world_size: 4" in out
-
-
-@pytest.mark.parametrize(
-    ("argv", "expected"),
-    [
-        (["show", "--set", "a=1", "b=2", "s.yaml"], ["show", "s.yaml", "--set", "a=1", "b=2"]),
-        (["train", "--set", "a=1", "s.yaml", "--set", "c=[1, 2]", "--dry-run"],
-         ["train", "s.yaml", "--dry-run", "--set", "a=1", "--set", "c=[1, 2]"]),
-        (["show", "s.yaml", "--set", "a=1"], ["show", "s.yaml", "--set", "a=1"]),
-        (["show", "--set", "a", "s.yaml"], ["show", "--set", "a", "s.yaml"]),  # argparse reports it
-        (["show", "--", "--set", "a=1"], ["show", "--", "--set", "a=1"]),
-    ],
-)  # fmt: skip
-def test_set_groups_move_to_the_end(argv, expected):
-    assert set_groups_last(argv) == expected
-
-
-# --- the spec itself
-
-
-@pytest.mark.parametrize(
-    "path", sorted(EXAMPLES.rglob("*.yaml")), ids=lambda p: p.relative_to(EXAMPLES).as_posix()
-)
-def test_dump_spec_round_trip(path: Path):
-    spec = load_spec(path)
-    assert load_spec(text=dump_spec(spec)) == spec
-
-
-def test_dump_spec_round_trip_odd_values():
-    spec = spec_of(run={"name": "2024-01-01"}, optimizer={"lr": 1e-5}, deepspeed={"wall_clock_breakdown": True},
-                   launch={"slurm": {"time": "1:00:00", "extra": ["--exclusive"]}})  # fmt: skip
-    again = load_spec(text=dump_spec(spec))
-    assert again == spec and again.run.name == "2024-01-01"
-
-
-def test_every_spec_field_has_a_docstring():
-    tree = ast.parse((ROOT / "harness" / "spec.py").read_text(encoding="utf-8"))
-    missing, count = [], 0
-    for cls in (n for n in tree.body if isinstance(n, ast.ClassDef)):
-        for i, stmt in enumerate(cls.body):
-            if isinstance(stmt, ast.AnnAssign):
-                count += 1
-                nxt = cls.body[i + 1] if i + 1 < len(cls.body) else None
-                if not (
-                    isinstance(nxt, ast.Expr)
-                    and isinstance(nxt.value, ast.Constant)
-                    and nxt.value.value.strip()
-                ):
-                    missing.append(f"{cls.name}.{stmt.target.id}")
-    assert count > 50
-    assert missing == []
-
-
-# --- harness show
-
-
-def test_show_prints_the_derived_numbers(tmp_path, capsys):
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        "model: {preset: llama-tiny}\ndata: {seq_len: 128}\nbatch: {global_batch_tokens: 24576, micro_batch_size: 4}\n"
-        "parallel: {pipeline_stages: 2}\ntrain: {steps: 10}\nlaunch: {nodes: 2, gpus_per_node: 6}\n"
-    )
-    assert main(["show", str(spec)]) == 0
-    out = capsys.readouterr().out
-    derived = dict(line.split(": ", 1) for line in out.split("# derived\n", 1)[1].splitlines())
-    assert derived == {
-        "world_size": "12",
-        "data_parallel_size": "6",  # 12 ranks / 2 stages
-        "pipeline_stages": "2",
-        "tensor_parallel": "1",
-        "micro_batch_size": "4",
-        "grad_accum": "8",  # 24576 tokens / 128 = 192 samples = 4 × 8 × 6
-        "global_batch_samples": "192",
-        "global_batch_tokens": "24576",
-        "tokens_per_step": "24576",
-        "total_tokens": "245760",
-    }
-    # The resolved spec above the derived numbers loads back to the same spec.
-    assert load_spec(text=out.split("# derived\n", 1)[0]) == load_spec(spec)
-
-
-def test_show_world_size_flag(capsys):
-    assert main(["show", str(EXAMPLES / "tiny-cpu.yaml"), "--world-size", "8"]) == 0
-    out = capsys.readouterr().out
-    assert (
-        "data_parallel_size: 8" in out
-        and "global_batch_samples: 32" in out
-        and "tokens_per_step: 8192" in out
-    )
-
-
-def test_config_writes_json_file(tmp_path, capsys):
-    import json
-
-    out = tmp_path / "sub" / "ds.json"
-    assert main(["config", str(EXAMPLES / "tiny-cpu.yaml"), "-o", str(out)]) == 0
-    assert capsys.readouterr().out == ""
-    cfg = json.loads(out.read_text())
-    assert cfg == compile_config(load_spec(EXAMPLES / "tiny-cpu.yaml"), 2)
-    assert sorted(p.name for p in out.parent.iterdir()) == ["ds.json"]
