@@ -48,11 +48,6 @@ class PackStats:
         return {**asdict(self), "num_blocks": self.num_blocks, "fraction_kept": self.fraction_kept}
 
 
-def add_eos(batch_token_ids: Sequence[Sequence[int]], eos_token_id: int) -> list[list[int]]:
-    """Append ``eos_token_id`` to each document's token ids (the separator packing relies on)."""
-    return [[*ids, eos_token_id] for ids in batch_token_ids]
-
-
 def pack_token_chunks(
     chunks: Iterable[np.ndarray],
     seq_len_tokens: int,

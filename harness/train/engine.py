@@ -89,12 +89,9 @@ def peak_flops_per_rank(spec: RunSpec) -> float | None:
     """Dense peak FLOP/s of one rank's device for MFU; None on CPU (MFU is then "n/a")."""
     if not torch.cuda.is_available():
         return None
-    try:
-        from harness.planner.devices import peak_flops
+    from harness.planner.devices import peak_flops  # launch.gpu was validated against the same table
 
-        return peak_flops(spec.launch.gpu, spec.precision.dtype)
-    except (ImportError, KeyError, ValueError):
-        return None
+    return peak_flops(spec.launch.gpu, spec.precision.dtype)
 
 
 def optimizer_args(spec: RunSpec, net: torch.nn.Module) -> tuple[torch.optim.Optimizer | None, Any]:

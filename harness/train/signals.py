@@ -21,11 +21,6 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
-def stop_requested() -> bool:
-    """True once this rank received a stop signal."""
-    return bool(_requested)
-
-
 def agree_to_stop(device) -> bool:
     """True on every rank if any rank was asked to stop (one tiny all-reduce)."""
     import torch
