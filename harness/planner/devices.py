@@ -6,8 +6,8 @@
       gpu: custom:mem_gb=94,tflops=989,hbm_tbs=3.9,nvlink_gbs=450,ib_gbs=50,pcie_gbs=50,host_gb=256,eff=0.46
       gpu: custom:base=h100-80gb,mem_gb=94          # start from a row, change some numbers
 
-Sources (see docs/planner.md): NVIDIA datasheets via ../shared/notes/deepspeed-formulas.md ("Hardware
-peaks"); peaks are DENSE bf16/fp16 tensor-core numbers (H100/H200 989 TFLOP/s, not the 2:4-sparse 1979).
+Sources: docs/planner.md ("Sources of the device table"); peaks are DENSE bf16/fp16 tensor-core
+numbers (H100/H200 989 TFLOP/s, not the 2:4-sparse 1979).
 Bandwidths are per GPU and one direction (NVLink 4: 900 GB/s bidirectional = 450 GB/s each way).
 ``train_efficiency`` is the fraction of peak a well-tuned dense bf16 training step reaches on large
 matmuls, calibrated to llm-foundry's published single-node MFU (A100 7B 64.2 %, H100 7B 46.4 %).
@@ -161,7 +161,7 @@ DEVICES: dict[str, Device] = {
             host_mem_bytes=16 * GIB,
             train_efficiency=0.5,
             nominal_flops=5e10,
-            # Measured on 2 CPU ranks (deepspeed-pitfalls note): ~1,400 vs ~7,200 tokens/s for ZeRO 1-2.
+            # Measured on 2 CPU ranks (docs/planner.md, Speed model): ~1,400 vs ~7,200 tokens/s for ZeRO 1-2.
             stage0_bf16_slowdown=5.0,
         ),
     )

@@ -1,6 +1,6 @@
 """Checkpoints that resume exactly and are never trusted half-written.
 
-DeepSpeed alone is not enough (shared/notes/deepspeed-pitfalls.md): it publishes ``latest``
+DeepSpeed alone is not enough (docs/deepspeed-behaviour.md): it publishes ``latest``
 before every rank has written, saves no RNG state, keeps ``client_state`` from rank 0 only and
 forgets the data position. So each tag directory gets, besides DeepSpeed's shards:
 

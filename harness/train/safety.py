@@ -1,7 +1,7 @@
 """Refuse checkpoint files that would run code when DeepSpeed unpickles them.
 
 DeepSpeed loads its shards with ``torch.load(weights_only=False)``: a pickle payload planted in a
-shard runs inside ``engine.load_checkpoint`` (shared/notes/deepspeed-pitfalls.md). Before any
+shard runs inside ``engine.load_checkpoint`` (docs/deepspeed-behaviour.md). Before any
 DeepSpeed load, every ``.pt`` file of the tag is scanned (without executing it) for the globals it
 would import; anything outside torch's weights-only set and the few DeepSpeed classes its
 checkpoints legitimately hold is refused.
