@@ -80,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--dry-run", action="store_true", help="print the launcher command and files; start nothing"
     )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="stream the launcher's and every rank's full output (kept in <run>/launch/ either way)",
+    )
     p.set_defaults(func=_lazy("harness.launch.cli", "cmd_train"))
 
     p = sub.add_parser("slurm", help="render an sbatch script into the run directory (and submit it)")
@@ -163,7 +168,7 @@ def cmd_config(args: argparse.Namespace) -> int:
     validate_config(cfg, data_parallel_size(spec, world), deep=deep)
     text = json.dumps(cfg, indent=2) + "\n"
     if args.output:
-        write_atomic(Path(args.output), text)
+        write_output(Path(args.output), text)
     else:
         sys.stdout.write(text)
     return 0
@@ -182,15 +187,13 @@ def cmd_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write a file so a reader never sees it half-written (and nothing is left on failure)."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def write_output(path: Path, text: str) -> None:
+    """``-o FILE``: write atomically (no half-written file, nothing left on failure) or say what to pass."""
+    from harness.rundir import write_atomic
+
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text, encoding="utf-8")
-        tmp.replace(path)
+        write_atomic(path, text)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise SpecError(
             "--output", str(path), "pass a writable file path (not a directory)", exc.strerror or str(exc)
         ) from None

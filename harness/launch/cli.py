@@ -1,7 +1,11 @@
 """``harness train`` and ``harness slurm``: validate, write the run directory, launch, judge the outcome.
 
-    harness train SPEC [--set k=v ...] [--dry-run]    # local, pdsh or openmpi (--dry-run: slurm too)
-    harness slurm SPEC [--set k=v ...] [--submit]     # render <run>/launch/job.sbatch (and sbatch it)
+    harness train SPEC [--set k=v ...] [--dry-run] [--verbose]  # local, pdsh, openmpi (--dry-run: slurm too)
+    harness slurm SPEC [--set k=v ...] [--submit]               # render <run>/launch/job.sbatch (and sbatch it)
+
+``harness train`` shows the harness's lines only (its own, rank 0's progress and metrics, a failed
+rank's last log lines); the launcher's full output is kept in ``<run>/launch/launcher.log`` and every
+rank's in ``<run>/launch/rank-N.log`` (:mod:`harness.console`). ``--verbose`` streams all of it.
 
 ``harness train`` exits with the launcher's status when it is non-zero; otherwise it trusts only
 rank 0's status.json (the deepspeed runner exits 0 when its launch process was SIGKILLed):
@@ -25,7 +29,8 @@ from harness.errors import SpecError
 from harness.launch.commands import Launch, build_launch
 from harness.launch.envfile import collect_env, masked, remove_env_file, write_env_file
 from harness.launch.shell import join
-from harness.launch.slurm import default_script_path, render_sbatch
+from harness.launch.slurm import render_sbatch
+from harness.rundir import RunDir, write_atomic
 
 EXIT_PREEMPTED = 75
 """``harness train`` status when the ranks stopped on a signal with a complete checkpoint (EX_TEMPFAIL: retry)."""
@@ -45,9 +50,7 @@ def _hostfile_text(spec) -> str | None:
 
 def plan_launch(spec, environ=None) -> tuple[Launch, str]:
     """The launch for ``spec`` from this process's point of view (interpreter, cwd, user) and its run dir."""
-    from harness.rundir import run_dir_of
-
-    run_dir = str(run_dir_of(spec))
+    run_dir = str(RunDir.of(spec).root)
     launch = build_launch(
         spec,
         run_dir=run_dir,
@@ -63,7 +66,8 @@ def plan_launch(spec, environ=None) -> tuple[Launch, str]:
 def describe(launch: Launch, run_dir: str, world_size: int) -> str:
     """What ``--dry-run`` prints: every file, the environment changes and the exact command (no secrets)."""
     out = [f"# launcher {launch.launcher}: {world_size} ranks, run directory {run_dir}"]
-    out.append(f"# writes {run_dir}/spec.yaml and ds_config.json (see `harness show` and `harness config`)")
+    paths = RunDir(Path(run_dir))
+    out.append(f"# writes {paths.spec} and {paths.ds_config} (see `harness show` and `harness config`)")
     for path, text in launch.files.items():
         out += [f"# file {path}", text.rstrip("\n")]
     if launch.env_file:
@@ -85,57 +89,85 @@ def describe(launch: Launch, run_dir: str, world_size: int) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, write the run directory, run the launcher and report how the run ended."""
     from harness.cliargs import load_from_args
-    from harness.rundir import STATUS_FILE, prepare_run_dir, read_status
+    from harness.rundir import prepare_run_dir, read_status
 
     spec = load_from_args(args)
     if spec.launch.launcher == "slurm" and args.dry_run:
         return _slurm(spec, args.spec, write=False, submit=False)
-    launch, run_dir = plan_launch(spec)
+    launch, run_dir_text = plan_launch(spec)
     world = spec.world_size
-    prepare_run_dir(spec, world, dry_run=args.dry_run)
+    run_dir, _, _ = prepare_run_dir(spec, world, dry_run=args.dry_run)
     if args.dry_run:
-        sys.stdout.write(describe(launch, run_dir, world))
+        sys.stdout.write(describe(launch, run_dir_text, world))
         return 0
     for note in launch.notes:
         _say(note)
     for path, text in launch.files.items():
-        _write(Path(path), text)
-    Path(run_dir, STATUS_FILE).unlink(missing_ok=True)  # a stale "complete" must not pass for this run
+        write_atomic(Path(path), text)
+    run_dir.status.unlink(missing_ok=True)  # a stale "complete" must not pass for this run
     try:
         if launch.env_file:
             write_env_file(Path(launch.env_file), launch.env_values)
-        _say(f"{launch.launcher} launch of {world} ranks, run directory {run_dir}")
+        _say(f"{launch.launcher} launch of {world} ranks, run directory {run_dir.root}")
         _say(f"command: {join(launch.cmd)}")
-        rc = _run(launch.cmd, launch.environment(os.environ), launch.cwd)
+        if not args.verbose:
+            _say(f"full output of the launcher and every rank: {run_dir.launch_dir}/ (--verbose shows it)")
+        rc, failure_shown = _run(
+            launch.cmd, launch.environment(os.environ), launch.cwd, run_dir, args.verbose
+        )
     finally:
         remove_env_file(Path(launch.env_file) if launch.env_file else None)
-    status = read_status(Path(run_dir)) or {}
+    status = read_status(run_dir) or {}
     state, step = status.get("state"), status.get("step")
+    if rc == 0 and state == "complete":
+        _say(f"run complete at step {step}: {run_dir.root}")
+        return 0
+    if rc == 0 and state == "preempted":
+        _say(f"stopped by a signal at step {step} with a complete checkpoint; run the same command to resume")
+        return EXIT_PREEMPTED
+    if not failure_shown and not args.verbose:
+        _show_failure(run_dir)
     if rc != 0:
         _say(
             f"the {launch.launcher} launcher exited with status {rc} (run state: {state or 'no status.json'})"
         )
         return rc
-    if state == "complete":
-        _say(f"run complete at step {step}: {run_dir}")
-        return 0
-    if state == "preempted":
-        _say(f"stopped by a signal at step {step} with a complete checkpoint; run the same command to resume")
-        return EXIT_PREEMPTED
     _say(
-        f"the launcher exited 0 but rank 0 recorded {state or 'no status'} in {run_dir}/{STATUS_FILE}: "
+        f"the launcher exited 0 but rank 0 recorded {state or 'no status'} in {run_dir.status}: "
         "a rank was killed or the launch process died (the deepspeed runner then still exits 0)"
     )
     return 1
 
 
-def _run(cmd: list[str], env: dict[str, str], cwd: str) -> int:
+def _show_failure(run_dir: RunDir) -> None:
+    """No rank reported an exception (killed, crashed in C, or never started): the launcher's last words."""
+    from harness.console import FAILURE_TAIL_LINES, tail_lines
+
+    lines = tail_lines(run_dir.launcher_log, FAILURE_TAIL_LINES)
+    if lines:
+        _say(f"last {len(lines)} lines of {run_dir.launcher_log}:")
+        sys.stderr.write("".join(f"  {line}\n" for line in lines))
+    logs = run_dir.rank_logs()
+    if logs:
+        _say(f"every rank's full output: {', '.join(str(p) for p in logs.values())}")
+
+
+def _run(cmd: list[str], env: dict[str, str], cwd: str, run_dir: RunDir, verbose: bool) -> tuple[int, bool]:
     """Run the launcher in its own process group; SIGINT/SIGTERM to harness go to the whole group.
 
     The group matters: the deepspeed runner has no handler on the local path, so signalling it alone
-    would leave its launch process and the ranks running.
+    would leave its launch process and the ranks running. Its output goes through
+    :class:`harness.console.LauncherRelay`. Returns the exit status and whether a rank's failure
+    report reached the console.
     """
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True)
+    from harness.console import LauncherRelay, RankLogFollower
+
+    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)  # fmt: skip
+    relay = LauncherRelay(proc.stdout, run_dir.launcher_log, sys.stdout, verbose).start()
+    follower = (
+        RankLogFollower(lambda: list(run_dir.rank_logs().values()), sys.stdout).start() if verbose else None
+    )
 
     def forward(signum, frame):
         with contextlib.suppress(ProcessLookupError):
@@ -147,7 +179,10 @@ def _run(cmd: list[str], env: dict[str, str], cwd: str) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    return 128 - rc if rc < 0 else rc
+        relay.join(timeout_s=10)  # ranks the launcher left behind may keep its output pipe open
+        if follower is not None:
+            follower.stop()
+    return (128 - rc if rc < 0 else rc), relay.failure_reported
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -158,24 +193,25 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def _slurm(spec, source: str, *, write: bool, submit: bool) -> int:
-    from harness.rundir import prepare_run_dir, run_dir_of
+    from harness.rundir import prepare_run_dir
 
     if spec.launch.launcher != "slurm":
         spec = dataclasses.replace(spec, launch=dataclasses.replace(spec.launch, launcher="slurm"))
-    run_dir = str(run_dir_of(spec))
+    paths = RunDir.of(spec)
+    run_dir = str(paths.root)
     script = render_sbatch(spec, run_dir=run_dir, python=sys.executable, source=source)
     _, missing = collect_env(spec.launch.env, os.environ)  # Slurm carries them: they must be set at submit
     if missing:
         _say(
             f"launch.env lists {', '.join(missing)}, not set in this shell: the job's ranks will not get them"
         )
-    path = default_script_path(run_dir)
+    path = str(paths.sbatch_script)
     prepare_run_dir(spec, spec.world_size, dry_run=not write)
     if not write:
         sys.stdout.write(f"# launcher slurm: {spec.world_size} ranks, run directory {run_dir}\n")
         sys.stdout.write(f"# file {path}\n{script}# command:\nsbatch {join([path])}\n")
         return 0
-    _write(Path(path), script)
+    write_atomic(Path(path), script)
     print(f"wrote {path}")
     if not submit:
         print(f"submit with: sbatch {join([path])}")
@@ -188,12 +224,6 @@ def _slurm(spec, source: str, *, write: bool, submit: bool) -> int:
         _say(f"sbatch failed ({done.returncode}): {done.stderr.strip()}")
         return done.returncode
     job_id = done.stdout.strip().split(";")[0]
-    _write(Path(run_dir, "launch", "slurm_job_id"), job_id + "\n")
+    write_atomic(paths.slurm_job_id, job_id + "\n")
     print(f"submitted batch job {job_id}")
     return 0
-
-
-def _write(path: Path, text: str) -> None:
-    from harness.rundir import write_atomic
-
-    write_atomic(path, text)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from harness.errors import SpecError
 from harness.launch import ENTRY_MODULE
-from harness.launch.envfile import ENV_FILE_NAME, ENV_FILE_VAR, collect_env
+from harness.launch.envfile import ENV_FILE_VAR, collect_env
 from harness.launch.hostfile import (
     active_slots,
     check_hostname,
@@ -36,16 +36,13 @@ from harness.launch.hostfile import (
     render_hostfile,
 )
 from harness.launch.shell import is_plain, reject_control, require_plain
+from harness.rundir import RunDir
 from harness.spec import RunSpec
 
 RUNNER_FORWARDED_PREFIXES = ("PYTHON", "MLFLOW", "MV2", "UCX", "NCCL")
 """Variables DeepSpeed's PDSH runner copies from its own environment into its (logged) remote command."""
 KEEP_FOR_LAUNCHER = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LC_ALL", "TMPDIR"})
 """launch.env names also left in the launcher's own environment (pdsh and ssh need them to start)."""
-HOSTFILE_NAME = "hostfile"
-"""The validated hostfile the launcher reads, inside ``<run>/launch/``."""
-DS_ENV_FILE_NAME = "deepspeed_env"
-"""The ``DS_ENV_FILE`` the PDSH runner reads: it names the env file, it holds no values."""
 
 
 @dataclass(frozen=True)
@@ -118,10 +115,8 @@ def pdsh_launch(
     require_plain("run.output_dir / run.name (the run directory)", run_dir, why)
     require_plain("the python interpreter path", python, why)
     require_plain("the working directory harness runs in", cwd, why + " (cd <cwd>)")
-    launch_dir = f"{run_dir}/launch"
-    env_file = f"{launch_dir}/{ENV_FILE_NAME}"
-    ds_env_file = f"{launch_dir}/{DS_ENV_FILE_NAME}"
-    hostfile = f"{launch_dir}/{HOSTFILE_NAME}"
+    paths = RunDir(Path(run_dir))
+    env_file, ds_env_file, hostfile = str(paths.env_file), str(paths.ds_env_file), str(paths.hostfile)
     values = dict(env_values)
     notes = []
     # The runner would write these into its logged remote command; unless harmless, they go in the file.
@@ -169,9 +164,8 @@ def openmpi_launch(
 ) -> Launch:
     """mpirun, one process per slot; ranks map OMPI_COMM_WORLD_* themselves (rankenv)."""
     reject_control("run.output_dir / run.name", run_dir)
-    launch_dir = f"{run_dir}/launch"
-    env_file = f"{launch_dir}/{ENV_FILE_NAME}"
-    hostfile = f"{launch_dir}/{HOSTFILE_NAME}"
+    paths = RunDir(Path(run_dir))
+    env_file, hostfile = str(paths.env_file), str(paths.hostfile)
     # `-x NAME` forwards NAME's value from mpirun's environment: the value never enters argv. Like
     # DeepSpeed's runners, pass on what the interpreter reads before any env file is loaded (PYTHON*)
     # and the communication libraries' knobs (NCCL*, UCX*, ...).
@@ -273,8 +267,3 @@ def _with_missing(launch: Launch, missing: list[str]) -> Launch:
 
     note = f"launch.env lists {', '.join(missing)}, not set here: no rank gets {'it' if len(missing) == 1 else 'them'}"
     return replace(launch, missing_env=tuple(missing), notes=(*launch.notes, note))
-
-
-def launch_dir(run_dir: str | Path) -> Path:
-    """``<run>/launch``: where launcher files go."""
-    return Path(run_dir) / "launch"

@@ -20,8 +20,6 @@ from harness.errors import SpecError, SpecErrors
 
 ENV_FILE_VAR = "HARNESS_ENV_FILE"
 """Names the env file for the ranks; its value (a path) is the only thing on the command line."""
-ENV_FILE_NAME = "rank_env.json"
-"""The env file's name inside ``<run>/launch/``."""
 ALWAYS_FORWARDED = ("TORCH_EXTENSIONS_DIR",)
 """Forwarded when set, listed or not: the JIT op cache, so remote ranks reuse the launching machine's builds."""
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from harness.errors import SpecError
-from harness.rundir import write_atomic
+from harness.rundir import RunDir, atomic_path, write_atomic
 
 MARKER = "COMPLETE"
 _TAG_RE = re.compile(r"^step-(\d{8})$")
@@ -48,7 +48,7 @@ class CheckpointInfo:
 
 def checkpoints_dir(run_dir: Path) -> Path:
     """Where a run's checkpoint tags live."""
-    return Path(run_dir) / "checkpoints"
+    return RunDir(Path(run_dir)).checkpoints
 
 
 def is_complete(tag_dir: Path) -> bool:
@@ -137,10 +137,8 @@ def save(engine, run_dir: Path, step: int, rank: int, client: dict[str, Any], ke
     # save_latest=False: DeepSpeed would publish `latest` before every rank wrote; we write it after.
     engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     path = _rank_file(tag_dir, rank)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"rng": rng_state(), "client": client, "step": step}, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save({"rng": rng_state(), "client": client, "step": step}, tmp)
     _barrier(dist)
     if rank == 0:
         marker = {"step": step, "tag": tag, "world_size": _world(dist), "time": time.time()}

@@ -13,6 +13,7 @@ import torch
 
 from harness.data.sampler import BlockSampler
 from harness.presets import model_config_dict
+from harness.rundir import RunDir, atomic_path
 from harness.spec import RunSpec
 
 
@@ -80,12 +81,10 @@ def load_run_data(spec: RunSpec, run_dir: Path, rank: int) -> RunData:
         seed=spec.train.seed,
         cache_dir=cache_dir_for(spec),
     )
-    run_tok = Path(run_dir) / "tokenizer"
+    run_tok = RunDir(Path(run_dir)).tokenizer
     if rank == 0 and not run_tok.exists():
-        tmp = run_tok.with_name(".tokenizer.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(prepared.tokenizer_dir, tmp)
-        tmp.replace(run_tok)
+        with atomic_path(run_tok) as tmp:
+            shutil.copytree(prepared.tokenizer_dir, tmp)
     return RunData(
         train=prepared.train,
         val=prepared.val,

@@ -1,37 +1,58 @@
 """Per-rank entry point: ``python -m harness.train.entry --run-dir RUN_DIR`` on every rank.
 
 Started by the deepspeed launcher (local, pdsh), mpirun or srun. Reads the run directory that
-``harness train`` prepared, trains, and always closes the process group.
+``harness train`` prepared, sends all of its own output into ``<run>/launch/rank-N.log``, trains, and
+always closes the process group. Only the harness's lines reach the console (:mod:`harness.console`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from harness.console import RankConsole
+    from harness.rundir import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one rank of a prepared run; exit 0 when complete or cleanly preempted."""
+    """Run one rank of a prepared run; exit 0 when complete or cleanly preempted.
+
+    From the moment the run directory is known, everything this process writes goes to its rank log
+    (see :mod:`harness.console`); a failure is shown on the console as the log's last lines.
+    """
     parser = argparse.ArgumentParser(prog="harness.train.entry")
     parser.add_argument("--run-dir", required=True, type=Path)
     parser.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     args = parser.parse_args(argv)
-    try:
-        from harness.launch.rankenv import apply_scheduler_env
-    except ImportError:  # launch package not installed in this tree yet
-        apply_scheduler_env = None
-    if apply_scheduler_env is not None:
-        apply_scheduler_env()
+    from harness.launch.rankenv import apply_scheduler_env
 
-    from harness.rundir import DS_CONFIG_FILE, SPEC_FILE, write_status
+    apply_scheduler_env()  # RANK for mpirun and srun tasks, which the log's name needs
+
+    from harness.console import capture_rank_output, print_exception
+    from harness.rundir import RunDir
+
+    run_dir = RunDir(args.run_dir.resolve())
+    rank = int(os.environ.get("RANK", "0"))
+    console = capture_rank_output(run_dir.rank_log(rank), rank)
+    try:
+        return _run_rank(run_dir, console)
+    except Exception as exc:  # shown once, with the log's tail; KeyboardInterrupt/SystemExit propagate
+        print_exception(exc)
+        console.report_failure(rank, exc)
+        return 1
+
+
+def _run_rank(run_dir: RunDir, console: RankConsole) -> int:
+    from harness.rundir import read_json, write_status
     from harness.specload import load_spec
     from harness.train import signals
 
-    run_dir = args.run_dir.resolve()
-    spec = load_spec(run_dir / SPEC_FILE)
-    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text(encoding="utf-8"))
+    spec = load_spec(run_dir.spec)
+    ds_config = read_json(run_dir.ds_config)
     signals.install()
 
     import deepspeed
@@ -43,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from harness.train.loop import train
 
-        result = train(spec, ds_config, run_dir)
+        result = train(spec, ds_config, run_dir.root, console=console)
         return 0 if result.state in ("complete", "preempted") else 1
     except BaseException:
         if rank == 0:
@@ -58,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
 def _remove_shm_buffers() -> None:
     """Unlink this launch's /dev/shm buffers of DeepSpeed's CPU all-reduce, which DeepSpeed never
     removes (tens of MB per rank; left over they fill the machine's RAM launch after launch)."""
-    import os
-    from pathlib import Path
-
     addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
     if not addr or not port:
         return
@@ -69,14 +87,13 @@ def _remove_shm_buffers() -> None:
 
 
 def _quiet_libraries(rank: int) -> None:
-    """Keep the console to the harness's own lines: DeepSpeed's INFO chatter off (HARNESS_DS_LOG=info
-    restores it), and progress bars of datasets only on rank 0."""
+    """DeepSpeed logs at INFO into the rank log (``HARNESS_DS_LOG=warning`` trims it); progress bars of
+    datasets only on rank 0 (the others would repeat them in every log)."""
     import logging
-    import os
 
     from deepspeed.utils import logger as ds_logger
 
-    ds_logger.setLevel(getattr(logging, os.environ.get("HARNESS_DS_LOG", "warning").upper(), logging.WARNING))
+    ds_logger.setLevel(getattr(logging, os.environ.get("HARNESS_DS_LOG", "info").upper(), logging.INFO))
     if rank != 0:
         import datasets
 

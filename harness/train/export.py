@@ -15,15 +15,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.errors import SpecError
-from harness.rundir import DS_CONFIG_FILE, SPEC_FILE
+from harness.rundir import RunDir, atomic_path, read_json
 from harness.train import checkpoint
 from harness.train.safety import verify_checkpoint_files
 
@@ -31,7 +29,7 @@ from harness.train.safety import verify_checkpoint_files
 def resolve_checkpoint(source: Path) -> Path:
     """A complete checkpoint tag directory from a run directory or a tag directory."""
     source = Path(source)
-    if (source / SPEC_FILE).is_file():
+    if RunDir(source).spec.is_file():
         done = checkpoint.complete_checkpoints(source)
         if not done:
             raise SpecError(
@@ -98,7 +96,7 @@ def _zero0_master_weights(tag_dir: Path, states: dict[str, Any]) -> dict[str, to
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
-            hf_config(load_spec(tag_dir.parent.parent / SPEC_FILE).model)
+            hf_config(load_spec(RunDir.of_checkpoint(tag_dir).spec).model)
         )
     names: dict[int, list[str]] = {}  # every name of a parameter (tied embeddings have two)
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -129,9 +127,9 @@ def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
     from harness.train.model import hf_config
 
     tag_dir = resolve_checkpoint(Path(tag_dir))
-    run_dir = tag_dir.parent.parent
-    spec = load_spec(run_dir / SPEC_FILE)
-    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text(encoding="utf-8"))
+    run_dir = RunDir.of_checkpoint(tag_dir)
+    spec = load_spec(run_dir.spec)
+    ds_config = read_json(run_dir.ds_config)
     verify_checkpoint_files(tag_dir)
     state = consolidated_state_dict(tag_dir, ds_config)
     hf_logging.disable_progress_bar()  # shard bars; the caller says in one line what was exported
@@ -150,20 +148,16 @@ def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
     model.tie_weights()
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok_dir = run_dir / "tokenizer"
-    tok = AutoTokenizer.from_pretrained(str(tok_dir)) if tok_dir.is_dir() else None
+    tok = AutoTokenizer.from_pretrained(str(run_dir.tokenizer)) if run_dir.tokenizer.is_dir() else None
     if tok is not None:
         model.generation_config = GenerationConfig(
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
         )
-        tok.save_pretrained(str(tmp))
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.replace(out_dir)
+    with atomic_path(out_dir) as tmp:
+        tmp.mkdir()
+        if tok is not None:
+            tok.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), safe_serialization=True)
     return out_dir
 
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from harness.rundir import write_status
+from harness.rundir import RunDir, write_status
 from harness.spec import RunSpec
 from harness.train import checkpoint, signals
 from harness.train.engine import data_parallel_coords
 from harness.train.engines import build_engine
 from harness.train.metrics import MetricsLogger, Throughput, memory_per_rank_bytes
+
+if TYPE_CHECKING:
+    from harness.console import RankConsole
 
 
 @dataclass
@@ -39,8 +42,12 @@ def seed_everything(seed: int) -> None:
     set_random_seed(seed)
 
 
-def train(spec: RunSpec, ds_config: dict[str, Any], run_dir: Path) -> TrainResult:
-    """Train ``spec`` to ``train.steps`` (or until a stop signal), checkpointing and logging on the way."""
+def train(
+    spec: RunSpec, ds_config: dict[str, Any], run_dir: Path, console: RankConsole | None = None
+) -> TrainResult:
+    """Train ``spec`` to ``train.steps`` (or until a stop signal), checkpointing and logging on the way.
+
+    Rank 0's progress lines go to ``console`` (the harness's console lines), else to stdout."""
     from harness.train.data import load_run_data
 
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -64,7 +71,7 @@ def train(spec: RunSpec, ds_config: dict[str, Any], run_dir: Path) -> TrainResul
     else:
         # Different dropout masks per rank; the model was already built from the shared seed.
         torch.manual_seed(spec.train.seed + 1 + rank)
-    metrics = MetricsLogger(run_dir, rank, spec.train.steps, start_step=step)
+    metrics = MetricsLogger(run_dir, rank, console=console)
     if resume is not None:
         metrics.log({"step": step, "event": "resumed", "from": str(resume.path)})
     tokens_per_step = engine.train_batch_size() * spec.data.seq_len
@@ -102,12 +109,12 @@ def train(spec: RunSpec, ds_config: dict[str, Any], run_dir: Path) -> TrainResul
             if spec.checkpoint.export_hf and rank == 0:
                 from harness.train.export import export_checkpoint
 
-                out = export_checkpoint(checkpoint.complete_checkpoints(run_dir)[-1].path, run_dir / "hf")
+                out = export_checkpoint(checkpoint.complete_checkpoints(run_dir)[-1].path, RunDir(run_dir).hf)
                 metrics.log({"step": step, "event": "exported", "path": str(out)})
         if dist.is_initialized():
             dist.barrier()
         if rank == 0:
-            write_status(run_dir, state, step)
+            write_status(RunDir(run_dir), state, step)
     finally:
         metrics.close()
     return TrainResult(state, step)

@@ -1,18 +1,21 @@
 """Throughput, MFU and memory numbers, and where they go: metrics.jsonl, TensorBoard, the console.
 
-Only rank 0 writes. On a terminal a rich progress bar with ETA; otherwise plain lines.
+Only rank 0 writes. One plain line per record: under ``harness train`` it reaches the console through
+the launcher's output (a progress bar could not), see :mod:`harness.console`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from harness.rundir import METRICS_FILE
+from harness.rundir import RunDir
+
+if TYPE_CHECKING:
+    from harness.console import RankConsole
 
 
 def memory_per_rank_bytes() -> int:
@@ -55,34 +58,23 @@ class Throughput:
 
 
 class MetricsLogger:
-    """Writes metrics.jsonl and TensorBoard scalars, and shows progress (rank 0 only)."""
+    """Writes metrics.jsonl and TensorBoard scalars, and shows one line per record (rank 0 only)."""
 
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int = 0) -> None:
+    def __init__(self, run_dir: Path, rank: int, console: RankConsole | None = None) -> None:
         self.enabled = rank == 0
-        self.total_steps = total_steps
+        self.console = console
         self._file = None
         self._tb = None
-        self._progress = None
         if not self.enabled:
             return
-        self._file = open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        paths = RunDir(Path(run_dir))
+        self._file = open(paths.metrics, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"))
+            self._tb = SummaryWriter(str(paths.tb))
         except ImportError:  # tensorboard is a dependency; keep training if a site strips it
             self._tb = None
-        if sys.stdout.isatty():
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self._progress = Progress(
-                TextColumn("step {task.completed}/{task.total}"),
-                BarColumn(),
-                TextColumn("{task.fields[status]}"),
-                TimeRemainingColumn(),
-            )
-            self._task = self._progress.add_task("train", total=total_steps, completed=start_step, status="")
-            self._progress.start()
 
     def log(self, record: dict[str, Any]) -> None:
         """Record one step's (or one evaluation's) numbers."""
@@ -96,16 +88,13 @@ class MetricsLogger:
                 if key != "step" and isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
         line = format_record(record)
-        if self._progress is not None:
-            self._progress.update(self._task, completed=step, status=line)
-            self._progress.console.print(line)
+        if self.console is not None:
+            self.console.line(line)
         else:
             print(line, flush=True)
 
     def close(self) -> None:
         """Flush and close everything."""
-        if self._progress is not None:
-            self._progress.stop()
         if self._tb is not None:
             self._tb.close()
         if self._file is not None:

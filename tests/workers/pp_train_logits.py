@@ -15,7 +15,6 @@ the trained ones are what the exported model must reproduce.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import deepspeed
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import harness.train.loop as loop
-from harness.rundir import DS_CONFIG_FILE, SPEC_FILE
+from harness.rundir import RunDir, read_json
 from harness.specload import load_spec
 
 
@@ -56,8 +55,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, required=True)
     args = parser.parse_args()
     run_dir = args.run_dir.resolve()
-    spec = load_spec(run_dir / SPEC_FILE)
-    ds_config = json.loads((run_dir / DS_CONFIG_FILE).read_text(encoding="utf-8"))
+    spec = load_spec(RunDir(run_dir).spec)
+    ds_config = read_json(RunDir(run_dir).ds_config)
     ids = fixed_batch(ds_config["train_micro_batch_size_per_gpu"], spec.data.seq_len, args.vocab_size)
     record: dict = {"input_ids": ids}
     built = []

@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 import harness.train.engine as engine_module
 import harness.train.loop as loop
-from harness.rundir import DS_CONFIG_FILE, SPEC_FILE
+from harness.rundir import RunDir, read_json
 from harness.specload import load_spec
 
 NUM_ROWS = 2
@@ -53,8 +53,8 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
-    spec = load_spec(args.run_dir / SPEC_FILE)
-    ds_config = json.loads((args.run_dir / DS_CONFIG_FILE).read_text(encoding="utf-8"))
+    spec = load_spec(RunDir(args.run_dir).spec)
+    ds_config = read_json(RunDir(args.run_dir).ds_config)
     held, built = [], []
     build_model, build_engine = engine_module.build_model, loop.build_engine
 
