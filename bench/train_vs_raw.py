@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     from deepspeed.runtime.utils import set_random_seed
 
     from harness.compiler import compile_resolved
-    from harness.rundir import run_dir_of
+    from harness.rundir import RunDir
     from harness.specload import load_spec
     from harness.train import signals
     from harness.train.data import load_run_data
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = load_spec(args.spec, ["run.name=bench-train-vs-raw", *args.overrides])
         spec, plan, ds_config = compile_resolved(spec, world)
-        run_dir = run_dir_of(spec)
+        run_dir = RunDir.of(spec).root
         run_dir.mkdir(parents=True, exist_ok=True)
         data = load_run_data(spec, run_dir, rank)
 
