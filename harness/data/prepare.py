@@ -39,6 +39,7 @@ from harness.data.corpus import DEFAULT_CORPUS_MAX_BYTES, default_corpus_fingerp
 from harness.data.packing import TOKEN_DTYPE, pack_token_chunks
 from harness.data.tokenizer import TOKENIZER_FILES, resolve_tokenizer
 from harness.errors import SpecError
+from harness.runlock import pid_alive
 
 if TYPE_CHECKING:
     import datasets
@@ -385,16 +386,5 @@ def _remove_stale_tmp(root: Path, key: str) -> None:
     prefix = f".data-{key}.tmp-{socket.gethostname()}-"
     for tmp in root.glob(f"{prefix}*"):
         pid = tmp.name[len(prefix) :]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether a process with ``pid`` exists on this host."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
