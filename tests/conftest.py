@@ -65,3 +65,20 @@ def hostfile(tmp_path) -> Path:
     path = tmp_path / "hostfile"
     path.write_text("node1 slots=1\nnode2 slots=1\n")
     return path
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Refuse a ``dist`` or ``cluster`` test without its own ``@pytest.mark.timeout(N)``: the default
+    (pyproject.toml, sized for the fast tier) would kill a launch, and a bigger default would let a hung
+    fast test hold CI for minutes."""
+    missing = [
+        item.nodeid
+        for item in items
+        if (item.get_closest_marker("dist") or item.get_closest_marker("cluster"))
+        and item.get_closest_marker("timeout") is None
+    ]
+    if missing:
+        raise pytest.UsageError(
+            "dist/cluster tests need an explicit @pytest.mark.timeout(N) sized from their measured "
+            "duration (pytest --durations=0), 3-4x for a loaded CI box:\n  " + "\n  ".join(missing)
+        )

@@ -28,6 +28,10 @@ SCRIPTS = sorted(SCRIPTS_DIR.glob("*.sh"))
 EXECUTABLE_SCRIPTS = [script for script in SCRIPTS if os.access(script, os.X_OK)]
 
 
+CLUSTER_TIMEOUT_S = 240
+"""A test on the daemons: trivial jobs take 1-3 s, but some waits inside a test allow up to 90 s."""
+
+
 def run(
     args: list[str], env: dict[str, str] | None = None, timeout_s: float = 60, **kwargs
 ) -> subprocess.CompletedProcess:
@@ -137,6 +141,7 @@ def node_states(env: dict[str, str]) -> dict[str, str]:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_sinfo_shows_both_nodes_idle() -> None:
     require_cluster("sinfo")
     env = cluster_env()
@@ -145,6 +150,7 @@ def test_sinfo_shows_both_nodes_idle() -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_batch_job_two_nodes_one_task_each(tmp_path: Path) -> None:
     require_cluster("a 2-node sbatch job")
     script = tmp_path / "job.sh"
@@ -161,6 +167,7 @@ def test_batch_job_two_nodes_one_task_each(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_batch_job_one_node_two_tasks(tmp_path: Path) -> None:
     require_cluster("a 2-task sbatch job")
     job_id = sbatch(
@@ -179,6 +186,7 @@ def test_batch_job_one_node_two_tasks(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_sbatch_wait_reports_a_failed_job(tmp_path: Path) -> None:
     require_cluster("a failing sbatch job")
     job_id = sbatch("--output=job.out", "--wrap", "exit 3", cwd=tmp_path)
@@ -188,6 +196,7 @@ def test_sbatch_wait_reports_a_failed_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_sbatch_wait_times_out_on_a_running_job(tmp_path: Path) -> None:
     require_cluster("sbatch_wait.sh timeout")
     env = cluster_env()
@@ -201,6 +210,7 @@ def test_sbatch_wait_times_out_on_a_running_job(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_sbatch_wait_reports_an_unknown_job() -> None:
     require_cluster("sbatch_wait.sh on an unknown job")
     result = run([str(SBATCH_WAIT), "999999", "10"], env=cluster_env(), timeout_s=30)
@@ -208,6 +218,7 @@ def test_sbatch_wait_reports_an_unknown_job() -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_requeued_job_runs_again_and_completes(tmp_path: Path) -> None:
     require_cluster("scontrol requeue")
     env = cluster_env()
@@ -239,6 +250,7 @@ def test_requeued_job_runs_again_and_completes(tmp_path: Path) -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_pdsh_reaches_node1_and_node2() -> None:
     require_cluster("pdsh over ssh")
     result = run(["pdsh", "-w", "node1,node2", "-R", "ssh", "echo $((1+1))"], env=cluster_env())
@@ -247,6 +259,7 @@ def test_pdsh_reaches_node1_and_node2() -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_ssh_aliases_land_on_their_own_addresses() -> None:
     require_cluster("ssh node1/node2")
     env = cluster_env()
@@ -259,6 +272,7 @@ def test_ssh_aliases_land_on_their_own_addresses() -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_up_again_starts_no_duplicate_daemons() -> None:
     state_dir = require_cluster("up.sh idempotency")
     pid_files = sorted(state_dir.glob("*/*.pid"))
@@ -271,6 +285,7 @@ def test_up_again_starts_no_duplicate_daemons() -> None:
 
 
 @pytest.mark.cluster
+@pytest.mark.timeout(CLUSTER_TIMEOUT_S)
 def test_second_cluster_up_and_down(tmp_path: Path) -> None:
     """A whole up/down cycle in a second STATE_DIR on other ports, beside the running cluster."""
     require_cluster("a second cluster's up/down cycle (needs the installed packages)")

@@ -29,7 +29,9 @@ from conftest import EXAMPLES, ROOT, free_port
 
 from harness.train.checkpoint import MARKER
 
-pytestmark = [pytest.mark.cluster, pytest.mark.dist]
+# Each test runs one to three launches through Slurm or pdsh (10-30 s each when quiet) and waits for
+# preemption and requeue; the fixtures add a local reference run.
+pytestmark = [pytest.mark.cluster, pytest.mark.dist, pytest.mark.timeout(900)]
 
 TINY = str(EXAMPLES / "tiny-cpu.yaml")
 STEPS = 40

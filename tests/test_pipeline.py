@@ -101,6 +101,7 @@ def test_type_partition_names_and_a_regex_matching_nothing():
 
 
 # ---------------------------------------------------------------- launches
+# Timeouts: about 25 s per launch on a quiet 2-core box (4 ranks: 50 s), times 4 for a loaded CI box.
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,7 @@ def base(tmp_path_factory) -> Path:
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(300)
 def test_gpt2_tied_two_stages_match_one_process(base):
     part = {"parallel": {"pipeline_stages": 2, "partition_method": "uniform"}}
     ref = h.trained(*h.write_parallel_spec(base, "gpt2-1", model="gpt2"))
@@ -145,6 +147,7 @@ def llama_runs(base) -> tuple[Path, Path]:
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(300)
 def test_llama_two_stages_match_one_process(llama_runs):
     ref, pipe = llama_runs
     h.assert_same_losses(h.step_losses(pipe), h.step_losses(ref), range(1, 11))
@@ -158,6 +161,7 @@ def test_llama_two_stages_match_one_process(llama_runs):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(150)
 def test_resume_from_pipeline_checkpoint_is_exact(base, llama_runs):
     _, pipe = llama_runs
     step5 = pipe / "checkpoints" / "step-00000005"
@@ -170,6 +174,7 @@ def test_resume_from_pipeline_checkpoint_is_exact(base, llama_runs):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(400)
 def test_two_stages_times_two_data_parallel_match_data_parallel(base):
     dp = h.trained(*h.write_parallel_spec(base, "llama-dp2", ranks=2))
     extra = {"parallel": {"pipeline_stages": 2}}
@@ -191,6 +196,7 @@ def _corpus(path: Path) -> Path:
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(300)
 def test_hf_checkpoint_into_two_stages_then_export(base):
     from transformers import AutoModelForCausalLM, Qwen2Config
 

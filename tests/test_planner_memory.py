@@ -60,6 +60,10 @@ def _layout(entry: dict) -> Layout:
     )
 
 
+MEASURE_TIMEOUT_S = 900
+"""The first test pays the one measuring launch (1-4 minutes on 2 cores)."""
+
+
 @pytest.fixture(scope="module")
 def measured(tmp_path_factory) -> list[dict]:
     """Both ranks' snapshots of every layout, from one 2-rank launch (about 1-4 minutes on 2 cores)."""
@@ -93,6 +97,7 @@ def _held(snapshot: dict) -> float:
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(MEASURE_TIMEOUT_S)
 def test_model_states_match_deepspeed_within_5_percent(measured):
     ctx = _ctx(MEASURED_OVERRIDES, world=2)
     report = []
@@ -109,6 +114,7 @@ def test_model_states_match_deepspeed_within_5_percent(measured):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(MEASURE_TIMEOUT_S)
 def test_gradient_buckets_match_deepspeed(measured):
     """ZeRO's reduce buckets are allocated whole (reduce_bucket_size elements) whatever the model size."""
     ctx = _ctx(MEASURED_OVERRIDES, world=2)
@@ -129,6 +135,7 @@ def test_gradient_buckets_match_deepspeed(measured):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(MEASURE_TIMEOUT_S)
 def test_zero3_gathered_parameters_match_deepspeed(measured):
     """When backward starts, ZeRO-3 still holds every parameter forward gathered and backward reuses
     within stage3_max_reuse_distance: the whole model at this size (the planner's ZeRO-3 buffer term)."""
@@ -150,6 +157,7 @@ def test_zero3_gathered_parameters_match_deepspeed(measured):
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(MEASURE_TIMEOUT_S)
 def test_zero_communication_matches_deepspeed(measured):
     """Bytes per collective in the second optimizer step, from DeepSpeed's comms logger, against the
     speed model's message sizes (ZeRO 0-3, accumulation 2 for stages 1-3)."""

@@ -13,6 +13,7 @@ import torch
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(300)  # 2 launches of about 25 s quiet, 4x for a loaded box
 def test_tensor_parallel_2_matches_1_and_exports(tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -28,13 +28,15 @@ DEFAULT_SET = {
 }
 SHARED = (1, "gpt2", "bf16")
 """The matrix run the metrics test reads too."""
+LAUNCH_S = 100
+"""Timeout per launch: about 25 s on a quiet 2-core box, 4x for a loaded CI box."""
 
 
 def _matrix():
     for stage in (0, 1, 2, 3):
         for model in ("llama", "gpt2"):
             for dtype in ("bf16", "fp32"):
-                marks = [pytest.mark.dist]
+                marks = [pytest.mark.dist, pytest.mark.timeout(LAUNCH_S * 2)]
                 if (stage, model, dtype) not in DEFAULT_SET:
                     marks.append(pytest.mark.skipif(not h.FULL_MATRIX, reason=h.FULL_MATRIX_REASON))
                 yield pytest.param(stage, model, dtype, id=f"zero{stage}-{model}-{dtype}", marks=marks)
@@ -86,6 +88,7 @@ def test_zero_stage_trains_with_falling_loss(request, tmp_path, stage, model, dt
 
 
 @pytest.mark.dist
+@pytest.mark.timeout(LAUNCH_S * 2)
 def test_metrics_records_and_tensorboard(shared_run):
     run_dir = shared_run
     records = h.read_metrics(run_dir)

@@ -13,7 +13,8 @@ import helpers as h
 import pytest
 import torch
 
-pytestmark = pytest.mark.dist
+# Each test launches 2-3 runs of about 25 s on a quiet box; 4x that for a loaded CI box.
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(450)]
 
 
 def consolidated(run_dir: Path, step: int) -> dict[str, torch.Tensor]:

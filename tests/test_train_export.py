@@ -17,7 +17,8 @@ import helpers as h
 import pytest
 import torch
 
-pytestmark = pytest.mark.dist
+# One worker launch per ZeRO stage (about 25 s quiet) and an export; 4x that for a loaded CI box.
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(300)]
 
 LAYOUTS = {2: "gpt2", 3: "llama"}
 """ZeRO stage -> tiny model exported from it (fp32, 6 steps, dropout off)."""
