@@ -1,4 +1,5 @@
-"""Bad specs through the real CLI: exit code 2, no traceback, and a message naming the field and the fix.
+"""harness.errors through the CLI: every bad spec exits 2, without a traceback, with one message naming the
+field and the fix.
 
 Most cases run ``harness.cli.main`` in-process (fast); a few run ``python -m harness`` in a subprocess
 to prove the exit code and the absence of a traceback end to end.
@@ -6,11 +7,10 @@ to prove the exit code and the absence of a traceback end to end.
 
 from __future__ import annotations
 
-import subprocess
 from dataclasses import dataclass
 
 import pytest
-from conftest import ROOT, harness_cmd
+from helpers import run_harness
 
 from harness.cli import main
 
@@ -481,15 +481,11 @@ def test_python_tag_refused_and_nothing_ran(tmp_path, capsys):
 # --- end to end: the real command in a subprocess
 
 
-def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run(harness_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=120)
-
-
 def test_subprocess_python_tag_refused_and_nothing_ran(tmp_path):
     marker = tmp_path / "MARKER"
     spec = tmp_path / "spec.yaml"
     spec.write_text(OK_MODEL + f'run: {{name: !!python/object/apply:os.system ["touch {marker}"]}}\n')
-    proc = _run("config", str(spec), "-o", str(tmp_path / "ds.json"))
+    proc = run_harness("config", str(spec), "-o", str(tmp_path / "ds.json"))
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "YAML tag not allowed" in proc.stderr
     assert proc.stdout == ""
@@ -508,14 +504,14 @@ def test_subprocess_python_tag_refused_and_nothing_ran(tmp_path):
 def test_subprocess_exit_code(bad: Bad, tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(bad.yaml, encoding="utf-8")
-    proc = _run(bad.verb, str(spec), *bad.args)
+    proc = run_harness(bad.verb, str(spec), *bad.args)
     assert proc.returncode == 2
     assert proc.stdout == ""
     _check_message(proc.stderr, bad)
 
 
 def test_subprocess_missing_file_and_bad_world_size(tmp_path):
-    proc = _run("show", str(tmp_path / "missing.yaml"))
+    proc = run_harness("show", str(tmp_path / "missing.yaml"))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "no such file" in proc.stderr
-    proc = _run("config", "examples/tiny-cpu.yaml", "--world-size", "0")
+    proc = run_harness("config", "examples/tiny-cpu.yaml", "--world-size", "0")
     assert proc.returncode == 2 and "--world-size" in proc.stderr and "use a positive number" in proc.stderr

@@ -18,14 +18,14 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from cluster_env import cluster_env, require_cluster, sbatch_wait
-from conftest import EXAMPLES, ROOT, free_port
+from conftest import ROOT, free_port
+from helpers import LAUNCH_TIMEOUT_S, TINY_SPEC, read_status, run_harness, step_losses
 
 from harness.train.checkpoint import MARKER
 
@@ -33,7 +33,6 @@ from harness.train.checkpoint import MARKER
 # preemption and requeue; the fixtures add a local reference run.
 pytestmark = [pytest.mark.cluster, pytest.mark.dist, pytest.mark.timeout(900)]
 
-TINY = str(EXAMPLES / "tiny-cpu.yaml")
 STEPS = 40
 TINY_SET = [
     "model.overrides.num_hidden_layers=2",
@@ -54,27 +53,6 @@ SLURM_SET = ["launch.launcher=slurm", "launch.slurm.partition=debug", "launch.sl
              "launch.slurm.time='00:15:00'"]  # fmt: skip
 
 
-def harness(
-    *args: str, env: dict[str, str], timeout_s: float = 600, cwd: Path = ROOT
-) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "harness", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout_s)  # fmt: skip
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    """step -> loss from metrics.jsonl; a step logged twice (before and after a resume) keeps the last."""
-    out: dict[int, float] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            out[record["step"]] = record["loss"]
-    return out
-
-
-def status(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One output_dir for every run here. Its tokenized-data cache (``.cache/data``, keyed by every
@@ -92,11 +70,11 @@ def reference(runs) -> dict[int, float]:
     """Per-step losses of the tiny spec on 2 ranks under the local launcher."""
     require_cluster("the multi-node launch tests (their local reference run)")
     start = time.monotonic()
-    out = harness("train", TINY, "--set", *TINY_SET, f"run.output_dir={runs}", "run.name=reference",
-                  f"launch.master_port={free_port()}", env=dict(os.environ))  # fmt: skip
+    out = run_harness("train", TINY_SPEC, "--set", *TINY_SET, f"run.output_dir={runs}", "run.name=reference",
+                  f"launch.master_port={free_port()}", env=dict(os.environ), timeout_s=LAUNCH_TIMEOUT_S)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
-    assert status(runs / "reference") == {"state": "complete", "step": STEPS}
-    result = losses(runs / "reference")
+    assert read_status(runs / "reference") == {"state": "complete", "step": STEPS}
+    result = step_losses(runs / "reference")
     assert sorted(result) == list(range(1, STEPS + 1))
     print(f"\nlocal reference run: {time.monotonic() - start:.1f} s")
     return result
@@ -109,7 +87,7 @@ def job_info(job_id: str, env) -> str:
 
 def submit(runs: Path, name: str, *more: str) -> tuple[str, Path, dict[str, str]]:
     env = cluster_env()
-    out = harness("slurm", TINY, "--submit", "--set", *TINY_SET, *SLURM_SET, f"run.output_dir={runs}",
+    out = run_harness("slurm", TINY_SPEC, "--submit", "--set", *TINY_SET, *SLURM_SET, f"run.output_dir={runs}",
                   f"run.name={name}", f"launch.master_port={free_port()}", *more, env=env)  # fmt: skip
     assert out.returncode == 0, out.stderr
     job_id = re.search(r"submitted batch job (\d+)", out.stdout)
@@ -132,8 +110,8 @@ def test_slurm_job_trains_like_the_local_launcher(runs, reference, nodes, ranks_
     state = sbatch_wait(job_id, timeout_s=400)
     output = job_output(run_dir, job_id)
     assert state == "COMPLETED", output[-3000:]
-    assert status(run_dir) == {"state": "complete", "step": STEPS}
-    assert losses(run_dir) == reference
+    assert read_status(run_dir) == {"state": "complete", "step": STEPS}
+    assert step_losses(run_dir) == reference
     info = job_info(job_id, env)
     assert f"NumNodes={nodes} " in info and ("NodeList=n[1-2]" in info) == (nodes == 2), info
     assert "run complete" in output
@@ -146,7 +124,7 @@ def wait_for_step(run_dir: Path, step: int, job_id: str, env, timeout_s: float =
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(s >= step for s in losses(run_dir)):
+        if metrics.exists() and any(s >= step for s in step_losses(run_dir)):
             return
         info = job_info(job_id, env)
         assert "JobState=RUNNING" in info or "JobState=PENDING" in info, info
@@ -168,11 +146,11 @@ def test_slurm_preemption_checkpoints_requeues_and_resumes_exactly(runs, referen
     state = sbatch_wait(job_id, timeout_s=500)
     output = job_output(run_dir, job_id)
     assert state == "COMPLETED", output[-3000:]
-    assert status(run_dir) == {"state": "complete", "step": STEPS}
+    assert read_status(run_dir) == {"state": "complete", "step": STEPS}
     assert re.search(r"\bRestarts=1\b", job_info(job_id, env)), "the job was not requeued"
     assert ("SIGUSR1 received" if how.startswith("usr1") else "SIGTERM received") in output
     assert "attempt 1 on" in output and "run complete" in output
-    resumed = losses(run_dir)
+    resumed = step_losses(run_dir)
     assert resumed == reference, "the loss trajectory differs from the uninterrupted run"
     ckpts = [p for p in (run_dir / "checkpoints").iterdir() if p.is_dir() and not p.name.startswith(".")]
     assert ckpts and all((p / MARKER).is_file() for p in ckpts), f"half-written checkpoint in {ckpts}"
@@ -239,7 +217,7 @@ def test_pdsh_two_hosts_env_reaches_ranks_and_the_secret_stays_hidden(runs, refe
                  f"launch.hostfile={hostfile}", "launch.nodes=2", "launch.gpus_per_node=1",
                  f"launch.master_addr={master}", f"launch.master_port={free_port()}",
                  "launch.env=[HF_TOKEN, HARNESS_TEST_MARKER, HARNESS_TEST_PROBE_DIR]"]  # fmt: skip
-    dry = harness("train", TINY, "--dry-run", "--set", *spec_args, env=env, cwd=tmp_path)
+    dry = run_harness("train", TINY_SPEC, "--dry-run", "--set", *spec_args, env=env, cwd=tmp_path)
     assert (
         dry.returncode == 0
         and secret not in dry.stdout + dry.stderr
@@ -249,14 +227,16 @@ def test_pdsh_two_hosts_env_reaches_ranks_and_the_secret_stays_hidden(runs, refe
     watch = CmdlineWatch(secret, run_dir / "launch" / "rank_env.json")
     watch.start()
     try:
-        out = harness("train", TINY, "--set", *spec_args, env=env, cwd=tmp_path)
+        out = run_harness(
+            "train", TINY_SPEC, "--set", *spec_args, env=env, cwd=tmp_path, timeout_s=LAUNCH_TIMEOUT_S
+        )
     finally:
         watch.stop.set()
         watch.join()
     output = out.stdout + out.stderr
     assert out.returncode == 0, output[-4000:]
-    assert status(run_dir) == {"state": "complete", "step": STEPS}
-    assert losses(run_dir) == reference
+    assert read_status(run_dir) == {"state": "complete", "step": STEPS}
+    assert step_losses(run_dir) == reference
 
     # It went through DeepSpeed's PDSH runner to both hosts, which logs its whole remote command.
     logged = re.search(r"cmd = pdsh .*-w node1,node2.*", output)
@@ -302,14 +282,14 @@ def test_openmpi_two_hosts_trains_like_the_local_launcher(runs, reference, tmp_p
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("node1 slots=1\nnode2 slots=1\n")
     run_dir = runs / "openmpi"
-    out = harness("train", TINY, "--set", *TINY_SET, f"run.output_dir={runs}", "run.name=openmpi",
+    out = run_harness("train", TINY_SPEC, "--set", *TINY_SET, f"run.output_dir={runs}", "run.name=openmpi",
                   "launch.launcher=openmpi", f"launch.hostfile={hostfile}", "launch.nodes=2", "launch.gpus_per_node=1",
                   f"launch.master_addr={env.get('HARNESS_TEST_MASTER_ADDR', '127.0.0.2')}",
                   f"launch.master_port={free_port()}", "launch.env=[HARNESS_TEST_MARKER, HARNESS_TEST_PROBE_DIR]",
-                  env=env, cwd=tmp_path)  # fmt: skip
+                  env=env, cwd=tmp_path, timeout_s=LAUNCH_TIMEOUT_S)  # fmt: skip
     assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
-    assert status(run_dir) == {"state": "complete", "step": STEPS}
-    assert losses(run_dir) == reference
+    assert read_status(run_dir) == {"state": "complete", "step": STEPS}
+    assert step_losses(run_dir) == reference
     seen = [json.loads(p.read_text()) for p in probe.glob("rank*.json")]
     assert sorted(r["rank"] for r in seen) == ["0", "1"] and all(r["marker"] == marker for r in seen)
     assert not list(tmp_path.glob("PWNED")) and not (run_dir / "launch" / "rank_env.json").exists()
