@@ -8,6 +8,7 @@ from __future__ import annotations
 import re
 
 from harness.errors import SpecError, SpecErrors
+from harness.launch.slurm_checks import slurm_problems
 from harness.parallel_dims import ParallelDims, model_dims
 from harness.presets import model_config_dict, preset_config, shape_of
 from harness.spec import AUTO, RunSpec
@@ -18,7 +19,7 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")
 def check_spec(spec: RunSpec, world_size: int) -> None:
     """Raise SpecErrors listing every rule the spec breaks for this world size."""
     errors: list[SpecError] = []
-    for rule in (_ranges, _device, _model, _layout, _nvme, _precision, _schedule):
+    for rule in (_ranges, _device, _model, _layout, _nvme, _precision, _schedule, slurm_problems):
         try:
             errors.extend(rule(spec, world_size))
         except SpecError as exc:

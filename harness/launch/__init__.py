@@ -9,6 +9,7 @@ but a path crosses a shell. The builders here are pure (no torch, no deepspeed, 
     envfile.py    the 0600 env file that carries launch.env values (secrets included) to remote ranks
     commands.py   (cmd, env) for the local, pdsh and openmpi launchers
     slurm.py      the sbatch script (one srun task per GPU, preemption trap, requeue)
+    slurm_checks.py  what every value bound for an sbatch script must satisfy (a check_spec rule too)
     rankenv.py    per-rank mapping of SLURM_* / OMPI_COMM_WORLD_* to RANK / LOCAL_RANK / WORLD_SIZE
     cli.py        ``harness train`` and ``harness slurm``
 """

@@ -17,130 +17,38 @@ What the script does (see slurm/README.md and slurm/template.sbatch for a render
   job itself) the ranks checkpoint the same way, but Slurm decides whether the job runs again.
 
 Every value is shell-quoted (shlex) on ``#SBATCH`` lines and in commands; control characters and
-backslashes (sbatch's own directive parser treats ``\\`` as an escape even inside quotes) are refused.
+backslashes (sbatch's own directive parser treats ``\\`` as an escape even inside quotes) are refused
+before rendering, by :mod:`harness.launch.slurm_checks` (which :func:`harness.validate.check_spec` also runs).
 """
 
 from __future__ import annotations
 
 import shlex
 
-from harness.errors import SpecError, SpecErrors
+from harness.errors import SpecErrors
 from harness.launch import ENTRY_MODULE
-from harness.launch.shell import control_chars
+from harness.launch.slurm_checks import default_output, script_problems, spec_run_dir
 from harness.spec import RunSpec
 
 SCRIPT_NAME = "job.sbatch"
 """The rendered script's name inside ``<run>/launch/``."""
 
 
-def _check_value(errors: list[SpecError], field: str, value: str) -> str:
-    """Record a problem with a directive value; return it shell-quoted for the ``#SBATCH`` line."""
-    found = control_chars(value)
-    if found:
-        errors.append(
-            SpecError(field, value, "remove newlines and other control characters",
-                      reason=f"control character {', '.join(found)}: a newline ends the #SBATCH directive "
-                      "and the rest would run as a command")
-        )  # fmt: skip
-    elif "\\" in value:
-        errors.append(
-            SpecError(field, value, "remove the backslash",
-                      reason="sbatch reads '\\' in a directive as an escape, even inside quotes")
-        )  # fmt: skip
-    elif value == "":
-        errors.append(SpecError(field, value, "give a value or remove the key"))
-    return shlex.quote(value)
-
-
 def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "") -> str:
-    """The batch script that trains ``spec`` in ``run_dir`` with ``python``; raises SpecErrors on bad values."""
+    """The batch script that trains ``spec`` in ``run_dir`` with ``python``: spec in, script text out.
+
+    ``source`` is the spec path named in the header ("" for none). Raises SpecErrors listing
+    :func:`~harness.launch.slurm_checks.script_problems` first: ``harness slurm`` renders specs of any
+    launcher before compiling them, and no value may reach the script unchecked.
+    """
+    problems = script_problems(spec, run_dir=run_dir, python=python, source=source)
+    if problems:
+        raise SpecErrors(problems)
     ls, sl = spec.launch, spec.launch.slurm
-    errors: list[SpecError] = []
-    directives: list[tuple[str, str]] = []  # (comment, directive)
-
-    def directive(comment: str, flag: str, field: str | None = None, value: object = None) -> None:
-        if value is None:
-            directives.append((comment, flag))
-        elif isinstance(value, str):
-            directives.append((comment, f"{flag}={_check_value(errors, field or flag, value)}"))
-        else:
-            directives.append((comment, f"{flag}={value}"))
-
-    for field, value in (("launch.nodes", ls.nodes), ("launch.gpus_per_node", ls.gpus_per_node)):
-        if value < 1:
-            errors.append(SpecError(field, value, "use a positive number"))
-    if sl.cpus_per_task is not None and sl.cpus_per_task < 1:
-        errors.append(
-            SpecError("launch.slurm.cpus_per_task", sl.cpus_per_task, "use a positive number of cores")
-        )
-    if not 1 <= sl.preempt_signal_grace_s <= 65535:
-        errors.append(
-            SpecError("launch.slurm.preempt_signal_grace_s", sl.preempt_signal_grace_s,
-                      "use 1..65535 seconds (long enough to finish a step and save a checkpoint)")
-        )  # fmt: skip
-    job_name = sl.job_name if sl.job_name is not None else spec.run.name
-    if sl.job_name is not None:
-        _check_value(errors, "run.name", spec.run.name)  # it still appears in the header comment
-    if source:
-        _check_value(errors, "SPEC (the spec file path)", source)
-    directive("Name shown by squeue and sacct (launch.slurm.job_name, default run.name).", "--job-name",
-              "launch.slurm.job_name" if sl.job_name is not None else "run.name", job_name)  # fmt: skip
-    for field, flag, comment in (
-        ("partition", "--partition", "Partition (queue) to run in."),
-        ("account", "--account", "Account charged for the allocation."),
-        ("qos", "--qos", "Quality of service (priority and limits)."),
-        ("time", "--time", "Wall-clock limit; USR1 comes preempt_signal_grace_s before it."),
-    ):
-        value = getattr(sl, field)
-        if value is not None:
-            directive(comment, flag, f"launch.slurm.{field}", value)
-    directive("Machines (launch.nodes).", "--nodes", value=ls.nodes)
-    directive("One task per GPU: srun starts launch.gpus_per_node ranks on every machine.", "--ntasks-per-node",
-              value=ls.gpus_per_node)  # fmt: skip
-    if sl.gres_gpus:
-        directive("GPUs per machine, one per task (launch.slurm.gres_gpus: false on CPU-only nodes).",
-                  "--gpus-per-node", value=ls.gpus_per_node)  # fmt: skip
-    if sl.cpus_per_task is not None:
-        directive("CPU cores per task (data loading, host-side optimizer work).", "--cpus-per-task",
-                  value=sl.cpus_per_task)  # fmt: skip
-    if sl.output is not None:
-        directive("Where the job's output goes (%j = job id).", "--output", "launch.slurm.output", sl.output)
-    else:
-        # '%' is a filename pattern to Slurm; '%%' is a literal one.
-        directive("Where the job's output goes: the run directory (%j = job id).", "--output", "run.output_dir",
-                  f"{run_dir.replace('%', '%%')}/slurm-%j.out")  # fmt: skip
-    directive(
-        "Append, so a requeued job keeps the output of earlier attempts.", "--open-mode", value="append"
-    )
-    directive(f"USR1 to this batch shell {sl.preempt_signal_grace_s} s before the time limit: checkpoint and requeue.",
-              "--signal", value=f"B:USR1@{sl.preempt_signal_grace_s}")  # fmt: skip
-    if sl.requeue:
-        directive(
-            "The job may be requeued (by the trap below, by preemption or after a node failure).", "--requeue"
-        )
-    else:
-        directive("Never requeue (launch.slurm.requeue: false): a preempted run stops after its checkpoint.",
-                  "--no-requeue")  # fmt: skip
-    directive("Tasks inherit the submitting shell's environment (launch.env values are never written here).",
-              "--export", value="ALL")  # fmt: skip
-    for i, line in enumerate(sl.extra):
-        field = f"launch.slurm.extra[{i}]"
-        if control_chars(line):
-            _check_value(errors, field, line)
-        elif not line.startswith("-"):
-            errors.append(
-                SpecError(field, line, "write the option as on the sbatch command line, e.g. --exclusive")
-            )
-        directive("Extra directive from launch.slurm.extra.", line)
-    run_dir_q = _check_value(errors, "run.output_dir / run.name (the run directory)", run_dir)
-    python_q = _check_value(errors, "the python interpreter path", python)
     if ls.master_addr is not None:
-        master = f"export MASTER_ADDR={_check_value(errors, 'launch.master_addr', ls.master_addr)}"
+        master = f"export MASTER_ADDR={shlex.quote(ls.master_addr)}"
     else:
         master = _MASTER_FROM_NODELIST
-    if errors:
-        raise SpecErrors(errors)
-
     srun = ["srun", "--kill-on-bad-exit=1"]
     if sl.cpus_per_task is not None:
         # srun (22.05+) does not inherit --cpus-per-task from the allocation.
@@ -153,17 +61,72 @@ def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "")
         "# Submit with sbatch; submitting again later is safe: the run resumes from its newest complete checkpoint.",
         "#",
     ]
-    for comment, text in directives:
+    for comment, text in _directives(spec, run_dir):
         lines += [f"# {comment}", f"#SBATCH {text}"]
     body = _BODY.format(
-        run_dir_line=_assign("run_dir", run_dir_q),
-        python_line=_assign("python", python_q),
+        run_dir_line=_assign("run_dir", shlex.quote(run_dir)),
+        python_line=_assign("python", shlex.quote(python)),
         master=master,
         master_port=ls.master_port,
         srun_line=srun_line,
         requeue=_REQUEUE if sl.requeue else _NO_REQUEUE,
     )
     return "\n".join(lines) + "\n" + body
+
+
+def _directives(spec: RunSpec, run_dir: str) -> list[tuple[str, str]]:
+    """The ``#SBATCH`` lines as (comment above it, directive), string values shell-quoted."""
+    ls, sl = spec.launch, spec.launch.slurm
+    directives: list[tuple[str, str]] = []
+
+    def directive(comment: str, flag: str, value: object = None) -> None:
+        if value is None:
+            directives.append((comment, flag))
+        else:
+            directives.append((comment, f"{flag}={shlex.quote(value) if isinstance(value, str) else value}"))
+
+    job_name = sl.job_name if sl.job_name is not None else spec.run.name
+    directive(
+        "Name shown by squeue and sacct (launch.slurm.job_name, default run.name).", "--job-name", job_name
+    )
+    for field, flag, comment in (
+        ("partition", "--partition", "Partition (queue) to run in."),
+        ("account", "--account", "Account charged for the allocation."),
+        ("qos", "--qos", "Quality of service (priority and limits)."),
+        ("time", "--time", "Wall-clock limit; USR1 comes preempt_signal_grace_s before it."),
+    ):
+        value = getattr(sl, field)
+        if value is not None:
+            directive(comment, flag, value)
+    directive("Machines (launch.nodes).", "--nodes", ls.nodes)
+    directive("One task per GPU: srun starts launch.gpus_per_node ranks on every machine.", "--ntasks-per-node",
+              ls.gpus_per_node)  # fmt: skip
+    if sl.gres_gpus:
+        directive("GPUs per machine, one per task (launch.slurm.gres_gpus: false on CPU-only nodes).",
+                  "--gpus-per-node", ls.gpus_per_node)  # fmt: skip
+    if sl.cpus_per_task is not None:
+        directive("CPU cores per task (data loading, host-side optimizer work).", "--cpus-per-task",
+                  sl.cpus_per_task)  # fmt: skip
+    if sl.output is not None:
+        directive("Where the job's output goes (%j = job id).", "--output", sl.output)
+    else:
+        directive("Where the job's output goes: the run directory (%j = job id).", "--output",
+                  default_output(run_dir))  # fmt: skip
+    directive("Append, so a requeued job keeps the output of earlier attempts.", "--open-mode", "append")
+    directive(f"USR1 to this batch shell {sl.preempt_signal_grace_s} s before the time limit: checkpoint and requeue.",
+              "--signal", f"B:USR1@{sl.preempt_signal_grace_s}")  # fmt: skip
+    if sl.requeue:
+        directive(
+            "The job may be requeued (by the trap below, by preemption or after a node failure).", "--requeue"
+        )
+    else:
+        directive("Never requeue (launch.slurm.requeue: false): a preempted run stops after its checkpoint.",
+                  "--no-requeue")  # fmt: skip
+    directive("Tasks inherit the submitting shell's environment (launch.env values are never written here).",
+              "--export", "ALL")  # fmt: skip
+    for line in sl.extra:
+        directive("Extra directive from launch.slurm.extra.", line)  # an sbatch option line, written as given
+    return directives
 
 
 _MASTER_FROM_NODELIST = """\
@@ -282,7 +245,7 @@ def render_example(spec_path) -> str:
     from harness.specload import load_spec
 
     spec = load_spec(str(spec_path))
-    run_dir = f"{spec.run.output_dir.rstrip('/')}/{spec.run.name}"
+    run_dir = spec_run_dir(spec)
     root = Path(__file__).resolve().parents[2]
     try:
         source = str(Path(spec_path).resolve().relative_to(root))
