@@ -97,8 +97,8 @@ def _global_samples(batch: BatchSection, seq_len: int) -> int | None:
             raise SpecError(
                 "batch.global_batch_tokens",
                 batch.global_batch_tokens,
-                f"use a multiple of data.seq_len = {seq_len} "
-                f"({nearest_multiples(batch.global_batch_tokens, seq_len)})",
+                f"use a multiple of data.seq_len ({seq_len}): "
+                f"{nearest_multiples(batch.global_batch_tokens, seq_len)}",
                 reason="not a whole number of sequences",
             )
         return batch.global_batch_tokens // seq_len

@@ -33,7 +33,7 @@ def test_nearest_multiples(value, step, words):
         (["batch.global_batch_size=30", "batch.micro_batch_size=4", "batch.grad_accum=null"], "micro_batch_size × data_parallel_size = 8 (nearest: 24 or 32)"),
         (["batch.global_batch_size=30", "batch.micro_batch_size=null", "batch.grad_accum=4"], "grad_accum × data_parallel_size = 8 (nearest: 24 or 32)"),
         (["batch.global_batch_tokens=1000", "batch.micro_batch_size=null", "batch.grad_accum=null"], "batch.global_batch_tokens = 1000"),
-        (["batch.global_batch_tokens=1000", "batch.micro_batch_size=null", "batch.grad_accum=null"], "multiple of data.seq_len = 256 (nearest: 768 or 1024)"),
+        (["batch.global_batch_tokens=1000", "batch.micro_batch_size=null", "batch.grad_accum=null"], "multiple of data.seq_len (256): nearest: 768 or 1024"),
         (["batch.global_batch_size=30", "batch.micro_batch_size=4", "batch.grad_accum=2"], "(4 × 2 × 2 = 16)"),
     ],
 )  # fmt: skip
