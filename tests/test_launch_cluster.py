@@ -233,7 +233,8 @@ def test_pdsh_two_hosts_env_reaches_ranks_and_the_secret_stays_hidden(runs, refe
     finally:
         watch.stop.set()
         watch.join()
-    output = out.stdout + out.stderr
+    # The PDSH runner's own lines are in launcher.log; the console shows only the harness's.
+    output = out.stdout + out.stderr + (run_dir / "launch" / "launcher.log").read_text()
     assert out.returncode == 0, output[-4000:]
     assert read_status(run_dir) == {"state": "complete", "step": STEPS}
     assert step_losses(run_dir) == reference
