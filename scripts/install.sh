@@ -11,4 +11,5 @@ if ! "$python" -c "import torch" 2>/dev/null; then
   "$python" -m pip install --quiet "${HARNESS_TORCH:-torch==2.13.0}"
 fi
 "$python" -m pip install --quiet -e '.[dev]'
-"$python" -c "import torch, deepspeed, transformers, datasets; print('torch', torch.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__, '| datasets', datasets.__version__)" 2>/dev/null
+# Versions from package metadata: importing deepspeed would print its accelerator warning.
+"$python" -c "from importlib.metadata import version as v; print(' | '.join(f'{p} {v(p)}' for p in ('torch', 'deepspeed', 'transformers', 'datasets')))"
