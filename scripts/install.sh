@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python=${PYTHON:-python3}
+# pip's warning about running as root (containers, CI) is noise here; older pips ignore the variable.
+export PIP_ROOT_USER_ACTION=ignore
 if ! "$python" -c "import torch" 2>/dev/null; then
   "$python" -m pip install --quiet "${HARNESS_TORCH:-torch==2.13.0}"
 fi
