@@ -144,6 +144,10 @@ class TrainSection:
     """Save a checkpoint every N steps (0 = only at the end)."""
     seed: int = 1234
     """Seed for model init, data order and dropout."""
+    stall_timeout: int | Auto = AUTO
+    """Seconds a rank may go without progress (a step, an evaluation or a save) before the run is ended as
+    stalled, naming the rank; ``auto``: derived from the measured step time, with a floor for start-up
+    and saves; 0 turns detection off."""
 
 
 @dataclass(kw_only=True)
@@ -154,6 +158,9 @@ class CheckpointSection:
     """``auto`` (newest complete checkpoint in the run, if any), ``never``, or a checkpoint path."""
     export_hf: bool = False
     """Export an HF checkpoint (safetensors, config, tokenizer) to ``<run>/hf`` at the end."""
+    verify: Literal["checksum", "size"] = "checksum"
+    """What resume and export check of a checkpoint's files against its COMPLETE marker: sizes and
+    checksums (``checksum``), or sizes only (``size``, for very large checkpoints on slow storage)."""
 
 
 @dataclass(kw_only=True)
@@ -178,6 +185,9 @@ class SlurmSection:
     """Seconds before the time limit that Slurm sends USR1 (checkpoint, exit, requeue)."""
     requeue: bool = True
     """Requeue the job after a preemption or time-limit checkpoint."""
+    min_nodes: int | None = None
+    """Fewest nodes the job may run on (``--nodes=min_nodes-nodes``): a requeued job that gets fewer or
+    more nodes than before resumes on what it has, same global batch; default: exactly launch.nodes."""
     extra: list[str] = field(default_factory=list)
     """Extra ``#SBATCH`` lines, written verbatim after ``#SBATCH `` (e.g. ``--exclusive``)."""
 
