@@ -2,7 +2,19 @@
 
 from __future__ import annotations
 
+# Exit codes of `harness train` (and the rank entry), one per run state, so a scheduler can act on them.
+EXIT_COMPLETE = 0
+"""The run finished (status.json: complete)."""
+EXIT_FAILED = 1
+"""A rank raised or died (status.json: failed, naming the rank); rerunning repeats the failure."""
 EXIT_USER_ERROR = 2
+"""Bad input, refused before anything started; nothing was written."""
+EXIT_PREEMPTED = 75
+"""Stopped by a signal after a complete checkpoint (EX_TEMPFAIL): run the same command to resume."""
+EXIT_STALLED = 76
+"""A rank stopped making progress and the run was ended (status.json: stalled): resume like a preemption."""
+EXIT_ABORTED = 130
+"""A second Ctrl-C: ended at once, without waiting for a checkpoint (128 + SIGINT)."""
 
 
 class SpecError(Exception):

@@ -25,15 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from harness.errors import SpecError
+from harness.errors import EXIT_PREEMPTED, SpecError
 from harness.launch.commands import Launch, build_launch
 from harness.launch.envfile import collect_env, masked, remove_env_file, write_env_file
 from harness.launch.shell import join
 from harness.launch.slurm import render_sbatch
 from harness.rundir import RunDir, write_atomic
-
-EXIT_PREEMPTED = 75
-"""``harness train`` status when the ranks stopped on a signal with a complete checkpoint (EX_TEMPFAIL: retry)."""
 
 
 def _say(message: str) -> None:
