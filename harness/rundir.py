@@ -153,31 +153,6 @@ class RunDir:
         return self.root / f"slurm-{job_id}.out"
 
 
-def prepare_run_dir(
-    spec: RunSpec, world_size: int | None = None, dry_run: bool = False
-) -> tuple[RunDir, dict[str, Any], str]:
-    """Resolve and compile the spec for ``world_size`` ranks and write spec.yaml + ds_config.json.
-
-    Returns the run directory, the DeepSpeed config and the resolved spec's YAML. With ``dry_run``
-    nothing is written. Raises SpecError before writing anything if the spec is invalid.
-    """
-    from harness.compiler import compile_resolved
-    from harness.dscheck import validate_config
-    from harness.specload import dump_spec
-
-    world = world_size or spec.world_size
-    resolved, plan, cfg = compile_resolved(spec, world)
-    validate_config(cfg, plan.data_parallel_size, deep=bool(resolved.deepspeed))
-    spec_text = dump_spec(resolved)
-    run_dir = RunDir.of(resolved)
-    if not dry_run:
-        run_dir.launch_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir.spec, spec_text)
-        write_atomic(run_dir.ds_config, json.dumps(cfg, indent=2) + "\n")
-        write_atomic(run_dir.world, json.dumps({"world_size": world}) + "\n")
-    return run_dir, cfg, spec_text
-
-
 def read_status(run_dir: RunDir) -> dict[str, Any] | None:
     """Rank 0's status.json, or None if the run never finished writing one."""
     try:

@@ -265,7 +265,7 @@ def launch_worker(
 
 def prepare(spec_path: Path, *sets: str) -> Path:
     """Write the run directory of ``spec_path`` (spec.yaml, ds_config.json) as ``harness train`` does."""
-    from harness.rundir import prepare_run_dir
+    from harness.compiler import prepare_run_dir
     from harness.specload import load_spec
 
     spec = load_spec(spec_path, list(sets))

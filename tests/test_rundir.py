@@ -9,7 +9,8 @@ import pytest
 from helpers import TINY_SPEC, example_spec
 
 from harness import cli
-from harness.rundir import RunDir, atomic_path, prepare_run_dir, read_status, write_atomic, write_status
+from harness.compiler import prepare_run_dir
+from harness.rundir import RunDir, atomic_path, read_status, write_atomic, write_status
 
 
 def test_paths_of_a_run_directory():

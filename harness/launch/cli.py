@@ -86,7 +86,8 @@ def describe(launch: Launch, run_dir: str, world_size: int) -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Validate, write the run directory, run the launcher and report how the run ended."""
     from harness.cliargs import load_from_args
-    from harness.rundir import prepare_run_dir, read_status
+    from harness.compiler import prepare_run_dir
+    from harness.rundir import read_status
 
     spec = load_from_args(args)
     if spec.launch.launcher == "slurm" and args.dry_run:
@@ -190,7 +191,7 @@ def cmd_slurm(args: argparse.Namespace) -> int:
 
 
 def _slurm(spec, source: str, *, write: bool, submit: bool) -> int:
-    from harness.rundir import prepare_run_dir
+    from harness.compiler import prepare_run_dir
 
     if spec.launch.launcher != "slurm":
         spec = dataclasses.replace(spec, launch=dataclasses.replace(spec.launch, launcher="slurm"))

@@ -24,14 +24,16 @@ before rendering, by :mod:`harness.launch.slurm_checks` (which :func:`harness.va
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 from harness.errors import SpecErrors
 from harness.launch import ENTRY_MODULE
 from harness.launch.slurm_checks import default_output, script_problems, spec_run_dir
+from harness.rundir import RunDir
 from harness.spec import RunSpec
 
-SCRIPT_NAME = "job.sbatch"
-"""The rendered script's name inside ``<run>/launch/``."""
+STATUS_IN_SCRIPT = str(RunDir(Path("$run_dir")).status)
+"""status.json as the batch script spells it, through its ``$run_dir`` variable."""
 
 
 def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "") -> str:
@@ -70,6 +72,7 @@ def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "")
         master_port=ls.master_port,
         srun_line=srun_line,
         requeue=_REQUEUE if sl.requeue else _NO_REQUEUE,
+        status=STATUS_IN_SCRIPT,
     )
     return "\n".join(lines) + "\n" + body
 
@@ -154,7 +157,7 @@ echo "harness: job ${{SLURM_JOB_ID}} attempt ${{SLURM_RESTART_COUNT:-0}} on ${{S
   "rendezvous ${{MASTER_ADDR}}:${{MASTER_PORT}}"
 
 # status.json is rank 0's last word on this attempt; a stale one must not pass for it.
-rm -f -- "$run_dir/status.json"
+rm -f -- "{status}"
 
 srun_pid=""
 signalled=""
@@ -187,7 +190,7 @@ if [[ -z "$signalled" ]]; then
   done
 fi
 
-state="$(sed -n 's/.*"state": *"\\([a-z]*\\)".*/\\1/p' "$run_dir/status.json" 2>/dev/null || true)"
+state="$(sed -n 's/.*"state": *"\\([a-z]*\\)".*/\\1/p' "{status}" 2>/dev/null || true)"
 case "$state" in
   complete)
     echo "harness: run complete (srun exit status $rc)"
@@ -228,11 +231,6 @@ def _assign(name: str, quoted: str) -> str:
     """``name=quoted``, telling shellcheck that a ``$`` inside the single quotes is meant literally."""
     literal = "# shellcheck disable=SC2016  # literal on purpose\n" if "$" in quoted or "`" in quoted else ""
     return f"{literal}{name}={quoted}"
-
-
-def default_script_path(run_dir: str) -> str:
-    """Where ``harness slurm`` writes the script."""
-    return f"{run_dir}/launch/{SCRIPT_NAME}"
 
 
 def render_example(spec_path) -> str:

@@ -17,8 +17,11 @@ and the rest would run as a command, which no quoting prevents; sbatch's own dir
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from harness.errors import SpecError
 from harness.launch.shell import control_chars
+from harness.rundir import RunDir
 from harness.spec import RunSpec
 
 RUN_DIR_FIELD = "run.output_dir / run.name (the run directory)"
@@ -59,7 +62,7 @@ def spec_run_dir(spec: RunSpec) -> str:
 
 def default_output(run_dir: str) -> str:
     """``--output`` without ``launch.slurm.output``: in the run directory (``%`` escaped; ``%j`` = job id)."""
-    return f"{run_dir.replace('%', '%%')}/slurm-%j.out"
+    return str(RunDir(Path(run_dir.replace("%", "%%"))).slurm_output("%j"))
 
 
 def slurm_problems(spec: RunSpec, world_size: int | None = None) -> list[SpecError]:
