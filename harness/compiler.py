@@ -12,18 +12,19 @@ import json
 from typing import Any
 
 from harness.batch import BatchPlan, solve_batch
+from harness.dscheck import validate_config
 from harness.dsconfig import build_config, check_batch_triple, check_raw_keys, deep_merge
 from harness.parallel_dims import auto_fields, data_parallel_size
+from harness.planner.resolve import resolve_auto
 from harness.rundir import RunDir, write_atomic
 from harness.spec import RunSpec
+from harness.specload import dump_spec
 from harness.validate import check_spec
 
 
 def resolve_layout(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan]:
     """Resolve ``auto`` fields for this world size, check the spec, and solve the batch triple."""
     if auto_fields(spec):
-        from harness.planner.resolve import resolve_auto  # lazy: the planner is only needed for auto
-
         spec = resolve_auto(spec, world_size)
     check_spec(spec, world_size)
     return spec, solve_batch(spec.batch, data_parallel_size(spec, world_size), spec.data.seq_len)
@@ -52,8 +53,6 @@ def prepare_run_dir(
     Returns the run directory, the DeepSpeed config and the resolved spec's YAML. With ``dry_run``
     nothing is written. Raises SpecError before writing anything if the spec is invalid.
     """
-    from harness.dscheck import validate_config
-    from harness.specload import dump_spec
 
     world = world_size or spec.world_size
     resolved, plan, cfg = compile_resolved(spec, world)

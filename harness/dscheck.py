@@ -14,6 +14,7 @@ import logging
 import sys
 from typing import Any
 
+from harness.dsconfig import check_batch_triple
 from harness.errors import SpecError, SpecErrors
 
 
@@ -94,7 +95,6 @@ def validate_config(cfg: dict[str, Any], data_parallel_size: int, deep: bool = T
     ``deep=False`` checks top-level key names and the batch triple only (no deepspeed import);
     ``deep=True`` also runs DeepSpeed's own ``DeepSpeedConfig`` over it.
     """
-    from harness.dsconfig import check_batch_triple
 
     known = KNOWN_TOP_LEVEL_KEYS
     for key in cfg:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from harness.errors import SpecError
+from harness.presets import shape_of
 from harness.spec import AUTO, RunSpec
 
 # Model types DeepSpeed's AutoTP refuses (deepspeed/module_inject/auto_tp.py, AutoTP.supported, 0.19):
@@ -220,8 +221,6 @@ class ParallelDims:
 
 def model_dims(cfg: dict[str, Any]) -> ModelDims:
     """The layout-relevant numbers of an HF config dict (GPT-2 or Llama-style key names)."""
-    from harness.presets import shape_of
-
     shape = shape_of(cfg)
     return ModelDims(
         model_type=str(cfg.get("model_type", "llama")),

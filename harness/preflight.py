@@ -17,6 +17,8 @@ from pathlib import Path
 from harness.data.corpus import BUILDER_BY_SUFFIX
 from harness.data.tokenizer import TOKENIZER_FILES
 from harness.errors import SpecError, SpecErrors
+from harness.planner.modelstats import model_stats
+from harness.presets import model_config_dict
 from harness.spec import DataSection, ModelSection, RunSpec
 
 SNIFF_BYTES = 64 * 1024
@@ -185,8 +187,6 @@ def run_dir_problems(run_dir: Path, checkpoint_bytes: int | None) -> list[SpecEr
 def checkpoint_bytes(spec: RunSpec) -> int | None:
     """Predicted bytes of one checkpoint: the training-dtype weights plus fp32 master weights and two
     Adam moments (what DeepSpeed saves over all ranks); None when the model's shape is not known offline."""
-    from harness.planner.modelstats import model_stats
-    from harness.presets import model_config_dict
 
     model: ModelSection = spec.model
     try:

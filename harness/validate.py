@@ -10,6 +10,7 @@ import re
 from harness.errors import SpecError, SpecErrors
 from harness.launch.slurm_checks import slurm_problems
 from harness.parallel_dims import ParallelDims, model_dims
+from harness.planner.devices import get_device
 from harness.presets import model_config_dict, preset_config, shape_of
 from harness.spec import AUTO, RunSpec
 
@@ -107,7 +108,6 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
 
 
 def _device(spec: RunSpec, world_size: int) -> list[SpecError]:
-    from harness.planner.devices import get_device  # pure table; raises SpecError naming launch.gpu
 
     get_device(spec.launch.gpu)
     return []

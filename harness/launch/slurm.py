@@ -31,6 +31,7 @@ from harness.launch import ENTRY_MODULE
 from harness.launch.slurm_checks import default_output, script_problems, spec_run_dir
 from harness.rundir import RunDir
 from harness.spec import RunSpec
+from harness.specload import load_spec
 
 STATUS_IN_SCRIPT = str(RunDir(Path("$run_dir")).status)
 """status.json as the batch script spells it, through its ``$run_dir`` variable."""
@@ -240,8 +241,6 @@ def render_example(spec_path) -> str:
     """
     from pathlib import Path
 
-    from harness.specload import load_spec
-
     spec = load_spec(str(spec_path))
     run_dir = spec_run_dir(spec)
     root = Path(__file__).resolve().parents[2]
@@ -254,8 +253,6 @@ def render_example(spec_path) -> str:
 
 def _regenerate_examples() -> None:
     from pathlib import Path
-
-    from harness.specload import load_spec
 
     root = Path(__file__).resolve().parents[2]
     out_dir = root / "slurm" / "examples"

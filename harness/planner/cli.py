@@ -17,6 +17,7 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
+from harness.cliargs import load_from_args, world_from_args
 from harness.parallel_dims import data_parallel_size, target_global_batch
 from harness.planner.devices import GIB, describe
 from harness.planner.layout import Layout
@@ -46,8 +47,6 @@ _COMPONENTS = {
 
 def cmd_plan(args: argparse.Namespace) -> int:
     """Plan the spec named on the command line; print a table (or JSON with ``--json``)."""
-    from harness.cliargs import load_from_args, world_from_args
-
     spec = load_from_args(args)
     world = world_from_args(args, spec)
     result = plan_spec(spec, world)

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from harness.data.prepare import prepare_data
 from harness.data.sampler import BlockSampler
 from harness.presets import model_config_dict
 from harness.rundir import RunDir, atomic_path
@@ -65,8 +66,6 @@ def cache_dir_for(spec: RunSpec) -> Path:
 
 def load_run_data(spec: RunSpec, run_dir: Path, rank: int) -> RunData:
     """Prepare (or load from cache) the spec's data; rank 0 copies the tokenizer into the run dir."""
-    from harness.data.prepare import prepare_data
-
     model_cfg = model_config_dict(spec.model.preset, spec.model.name_or_path, spec.model.overrides) or {}
     vocab_size = int(model_cfg.get("vocab_size", 0)) or None
     prepared = prepare_data(

@@ -13,8 +13,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from harness.planner.devices import peak_flops
+from harness.planner.speed import flops_per_token
+from harness.presets import shape_of
 from harness.spec import RunSpec
-from harness.train.model import build_model, param_groups
+from harness.train.model import build_model, hf_config, param_groups
 
 
 @dataclass
@@ -78,10 +81,6 @@ def data_parallel_coords(engine) -> tuple[int, int]:
 
 def model_flops_per_token(spec: RunSpec, vocab_size: int | None) -> float:
     """Model FLOPs per trained token for MFU (the planner's 6N + 12·L·h·s, from the model's config)."""
-    from harness.planner.speed import flops_per_token
-    from harness.presets import shape_of
-    from harness.train.model import hf_config
-
     return flops_per_token(shape_of(hf_config(spec.model, vocab_size).to_dict()), spec.data.seq_len)
 
 
@@ -89,7 +88,6 @@ def peak_flops_per_rank(spec: RunSpec) -> float | None:
     """Dense peak FLOP/s of one rank's device for MFU; None on CPU (MFU is then "n/a")."""
     if not torch.cuda.is_available():
         return None
-    from harness.planner.devices import peak_flops  # launch.gpu was validated against the same table
 
     return peak_flops(spec.launch.gpu, spec.precision.dtype)
 

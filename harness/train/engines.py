@@ -7,12 +7,11 @@ from typing import Any
 
 from harness.spec import RunSpec
 from harness.train.engine import RunEngine, build_plain_engine
+from harness.train.pipeline_engine import build_pipeline_engine
 
 
 def build_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
     """The model in the DeepSpeed engine its layout needs, ready to ``train_step``."""
     if spec.parallel.pipeline_stages > 1:
-        from harness.train.pipeline_engine import build_pipeline_engine
-
         return build_pipeline_engine(spec, ds_config, vocab_size)
     return build_plain_engine(spec, ds_config, vocab_size)

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from harness.errors import SpecError
+from harness.train.mp_shards import fp32_master_state_dict, load_model_states, model_parallel_ranks
 
 
 def tensor_parallel_mpu(tp_size: int):
@@ -41,8 +42,6 @@ def tensor_parallel_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict
     else the module weights (ZeRO 0 in fp32)."""
     from deepspeed.checkpoint.affine import SCALE_POWER_BY_STATE, ParamAffineMap
     from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, UNIVERSAL_CHECKPOINT_INFO
-
-    from harness.train.mp_shards import fp32_master_state_dict, load_model_states, model_parallel_ranks
 
     tag_dir = Path(tag_dir)
     ranks = model_parallel_ranks(tag_dir)
