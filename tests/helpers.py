@@ -335,3 +335,21 @@ def assert_same_losses(
     assert all(s in got and s in want for s in steps), f"missing steps: got {got}, want {want}"
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in steps)
     assert worst <= rtol, f"relative loss difference {worst:.3g} > {rtol}\n got  {got}\n want {want}"
+
+
+def planner_context(
+    preset: str = "llama-7b", nodes: int = 1, gpus: int = 8, gpu: str = "h100-80gb", seq: int = 2048
+):
+    """A planner Context for a preset on ``nodes`` × ``gpus`` of ``gpu`` (bf16, sdpa)."""
+    from harness.planner.devices import get_device
+    from harness.planner.layout import Context
+    from harness.planner.modelstats import model_stats
+    from harness.presets import PRESETS
+
+    return Context(
+        stats=model_stats(PRESETS[preset]),
+        seq_len=seq,
+        device=get_device(gpu),
+        nodes=nodes,
+        gpus_per_node=gpus,
+    )

@@ -14,13 +14,19 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import planner_context
 
 from harness.ds_defaults import REDUCE_BUCKET_ELEMS, STAGE3_PARAM_PERSISTENCE_ELEMS
 from harness.planner.devices import get_device
 from harness.planner.layout import Context, Layout
-from harness.planner.memory import activation_bytes_per_layer, deepspeed_buffers, model_states
+from harness.planner.memory import (
+    activation_bytes_per_layer,
+    deepspeed_buffers,
+    estimate_memory,
+    model_states,
+)
 from harness.planner.modelstats import model_stats
-from harness.planner.shards import shards_of
+from harness.planner.shards import pipeline_shards, shards_of
 from harness.presets import preset_config
 from tests.conftest import ROOT, free_port
 
@@ -313,3 +319,30 @@ def test_worker_is_importable_without_launch():
     """The worker parses and imports (it only starts ranks from main())."""
     code = "import runpy; runpy.run_path('tests/workers/measure_model_states.py', run_name='not_main')"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True, timeout=300)
+
+
+def test_more_sharding_less_memory():
+    ctx = planner_context()
+    totals = [estimate_memory(ctx, Layout(zero_stage=z, checkpointing=True)).total for z in (0, 1, 2, 3)]
+    assert totals[0] > totals[1] > totals[3]
+    assert totals[2] > totals[3]
+    off = estimate_memory(ctx, Layout(zero_stage=3, offload_optimizer="cpu", checkpointing=True))
+    assert off.total < totals[3] and off.host > 0
+
+
+def test_activations_grow_with_micro_batch_and_shrink_with_checkpointing():
+    ctx = planner_context()
+    acts = [estimate_memory(ctx, Layout(zero_stage=3, micro_batch_size=b)).activations for b in (1, 2, 4)]
+    assert acts[1] == pytest.approx(2 * acts[0], rel=0.01) and acts[2] > acts[1]
+    ckpt = estimate_memory(ctx, Layout(zero_stage=3, micro_batch_size=4, checkpointing=True)).activations
+    assert ckpt < acts[2] / 5
+
+
+def test_pipeline_split_balances_parameters():
+    ctx = planner_context("llama-70b", nodes=8)
+    shards = pipeline_shards(ctx, 8)
+    assert sum(s.layers for s in shards) == 80 and all(s.layers for s in shards)
+    assert shards[-1].has_head and not shards[0].has_head
+    mean = ctx.stats.total_params / 8
+    assert max(s.params for s in shards) < 1.15 * mean
+    assert sum(s.params for s in shards) == ctx.stats.total_params
