@@ -6,20 +6,6 @@ import pytest
 
 from harness.errors import SpecError
 from harness.planner.devices import DEVICES, GIB, get_device, peak_flops
-from tests.conftest import EXAMPLES
-
-TINY = str(EXAMPLES / "tiny-cpu.yaml")
-SEVENTY_B = [
-    "model.preset=llama-70b",
-    "launch.nodes=8",
-    "launch.gpus_per_node=8",
-    "launch.gpu=h100-80gb",
-    "data.seq_len=4096",
-    "batch.global_batch_size=1024",
-    "batch.micro_batch_size=null",
-    "batch.grad_accum=null",
-    "precision.dtype=bf16",
-]
 
 
 def test_peaks_are_dense_not_sparse():

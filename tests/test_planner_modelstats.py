@@ -7,20 +7,6 @@ import pytest
 from harness.planner.modelstats import model_stats
 from harness.planner.speed import flops_per_token
 from harness.presets import PRESETS, preset_config, shape_of
-from tests.conftest import EXAMPLES
-
-TINY = str(EXAMPLES / "tiny-cpu.yaml")
-SEVENTY_B = [
-    "model.preset=llama-70b",
-    "launch.nodes=8",
-    "launch.gpus_per_node=8",
-    "launch.gpu=h100-80gb",
-    "data.seq_len=4096",
-    "batch.global_batch_size=1024",
-    "batch.micro_batch_size=null",
-    "batch.grad_accum=null",
-    "precision.dtype=bf16",
-]
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))

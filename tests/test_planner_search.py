@@ -9,20 +9,6 @@ from hypothesis import strategies as hs
 from harness.planner.devices import DEVICES
 from harness.planner.memory import estimate_memory
 from harness.planner.search import SearchSpace, search
-from tests.conftest import EXAMPLES
-
-TINY = str(EXAMPLES / "tiny-cpu.yaml")
-SEVENTY_B = [
-    "model.preset=llama-70b",
-    "launch.nodes=8",
-    "launch.gpus_per_node=8",
-    "launch.gpu=h100-80gb",
-    "data.seq_len=4096",
-    "batch.global_batch_size=1024",
-    "batch.micro_batch_size=null",
-    "batch.grad_accum=null",
-    "precision.dtype=bf16",
-]
 
 
 def test_rejected_plans_are_never_emitted():
