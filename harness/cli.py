@@ -5,6 +5,7 @@ harness config examples/tiny-cpu.yaml -o ds.json    # the DeepSpeed config
 harness plan examples/llama-70b-pipeline-slurm.yaml         # which layout fits and runs fastest
 harness train examples/tiny-cpu.yaml                # train through the deepspeed launcher
 harness export runs/tiny-cpu -o hf/                 # HF checkpoint from a run or checkpoint
+harness checkpoint verify runs/tiny-cpu             # every checkpoint against its COMPLETE marker
 harness generate hf/ --prompt "def "                # sample from an exported model
 harness slurm examples/llama-70b-slurm.yaml --submit
 """
@@ -96,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
     p.set_defaults(func=_lazy("harness.train.export", "cmd_export"))
+
+    p = sub.add_parser("checkpoint", help="check checkpoints against their COMPLETE markers")
+    verbs = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = verbs.add_parser("verify", help="sizes and checksums of every file; exit 0 when all tags are intact")
+    p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
+    p.add_argument("--size-only", action="store_true", help="check sizes only (fast on slow storage)")
+    p.set_defaults(func=_lazy("harness.train.integrity", "cmd_verify"))
 
     p = sub.add_parser("generate", help="sample text from an exported HF checkpoint")
     p.add_argument("model_dir", metavar="DIR")

@@ -119,7 +119,7 @@ def test_a_failed_save_leaves_no_marker_and_deletes_nothing(tmp_path):
     engine = FakeEngine(fail_at=3)
     checkpoint.save(engine, tmp_path, 1, 0, {}, 1)
     checkpoint.save(engine, tmp_path, 2, 0, {}, 1)
-    with pytest.raises(OSError):
+    with pytest.raises(checkpoint.CheckpointError, match="step-00000002 is kept"):
         checkpoint.save(engine, tmp_path, 3, 0, {}, 1)
     assert [c.step for c in checkpoint.complete_checkpoints(tmp_path)] == [2]
     assert checkpoint.find_resume(tmp_path, "auto").step == 2

@@ -7,7 +7,8 @@ Weights are the fp32 master weights, consolidated with DeepSpeed's own ``zero_to
 1-3 (and bf16 runs, whose optimizer keeps fp32 partitions), read directly for ZeRO 0 (the module in
 fp32, the optimizer's flat fp32 groups in bf16/fp16). Written as
 safetensors with config.json, generation_config.json and the run's tokenizer, into a temporary
-directory renamed into place, so a failed export leaves nothing half-written.
+directory renamed into place, so a failed export leaves nothing half-written. A checkpoint whose files
+differ from its COMPLETE marker (sizes, checksums) is refused, naming the file.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from harness.errors import SpecError
 from harness.rundir import RunDir, atomic_path, read_json
-from harness.train import checkpoint
+from harness.train import checkpoint, integrity
 from harness.train.safety import verify_checkpoint_files
 
 
@@ -130,6 +131,7 @@ def export_checkpoint(tag_dir: Path, out_dir: Path) -> Path:
     run_dir = RunDir.of_checkpoint(tag_dir)
     spec = load_spec(run_dir.spec)
     ds_config = read_json(run_dir.ds_config)
+    integrity.require_intact(tag_dir, spec.checkpoint.verify)  # sizes and checksums against its marker
     verify_checkpoint_files(tag_dir)
     state = consolidated_state_dict(tag_dir, ds_config)
     hf_logging.disable_progress_bar()  # shard bars; the caller says in one line what was exported

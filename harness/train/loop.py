@@ -63,7 +63,9 @@ def train(
         dp_size=dp_size,
     )
     step = 0
-    resume = checkpoint.find_resume(run_dir, spec.checkpoint.resume)
+    # Verified before DeepSpeed loads anything; a corrupted tag is set aside for the previous one.
+    say = console.line if console is not None else print
+    resume = checkpoint.find_verified_resume(run_dir, spec.checkpoint, rank, run.device, say)
     if resume is not None:
         client = checkpoint.load(engine, resume, rank)
         sampler.load_state_dict(client["sampler"])
