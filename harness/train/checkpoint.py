@@ -117,11 +117,9 @@ def layout_of(engine, step: int, world_size: int) -> dict[str, Any]:
         method = getattr(engine, name, None)
         return method() if callable(method) else None
 
-    dp_size = None
-    if hasattr(engine, "optimizer"):
-        from harness.train.engine import data_parallel_coords
+    from harness.train.engine import data_parallel_coords
 
-        dp_size = data_parallel_coords(engine)[1]
+    dp_size = data_parallel_coords(engine)[1]
     stages = int(getattr(engine, "num_stages", 1))
     global_batch = ask("train_batch_size")
     precision = "bf16" if ask("bfloat16_enabled") else "fp16" if ask("fp16_enabled") else "fp32"
@@ -129,7 +127,7 @@ def layout_of(engine, step: int, world_size: int) -> dict[str, Any]:
         "world_size": world_size,
         "data_parallel_size": dp_size,
         "pipeline_stages": stages,
-        "tensor_parallel": world_size // (dp_size * stages) if dp_size else None,
+        "tensor_parallel": world_size // (dp_size * stages),  # world = data × pipeline × tensor
         "zero_stage": ask("zero_optimization_stage"),
         "micro_batch_size": ask("train_micro_batch_size_per_gpu"),
         "grad_accum": ask("gradient_accumulation_steps"),
