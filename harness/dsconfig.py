@@ -180,6 +180,13 @@ def _scheduler_section(spec: RunSpec) -> dict[str, Any]:
     return {"type": kind, "params": params}
 
 
+def universal_load_keys() -> dict[str, Any]:
+    """Raw keys that make DeepSpeed load a universal checkpoint (``checkpoint.load_universal``, read by
+    ``DeepSpeedConfig`` in ``runtime/config.py``): :mod:`harness.train.reshard` merges them into the spec
+    of the one launch that resumes a checkpoint converted for a new data-parallel size."""
+    return {"checkpoint": {"load_universal": True}}
+
+
 def deep_merge(base: dict[str, Any], raw: dict[str, Any]) -> dict[str, Any]:
     """A new dict: ``raw`` deep-merged over ``base`` (the user's raw ``deepspeed:`` keys over the compiled ones)."""
     out = copy.deepcopy(base)
