@@ -7,6 +7,9 @@
         launch/                launcher files and every process's full output:
             launcher.log           the launcher's own output (``harness train``)
             rank-0.log ...         everything rank N wrote to stdout and stderr (appended per launch)
+            rank-0.json ...        how rank N of the latest launch ended (host, pid, error, exit code or signal)
+            run.lock               held by the launch that owns the run directory (``harness.runlock``)
+            stop                   a stop request from ``harness train`` (it got SIGTERM, SIGINT or SIGUSR1)
             hostfile               the validated hostfile (pdsh, openmpi)
             deepspeed_env          the DS_ENV_FILE the PDSH runner reads (it names the env file)
             rank_env.json          launch.env values, mode 0600, removed after the run
@@ -122,6 +125,29 @@ class RunDir:
             if number.isdigit():
                 logs[int(number)] = path
         return dict(sorted(logs.items()))
+
+    def rank_record(self, rank: int) -> Path:
+        """How global rank ``rank`` of the latest launch ended: host, pid, state, error, exit code or signal."""
+        return self.launch_dir / f"rank-{rank}.json"
+
+    def rank_records(self) -> dict[int, Path]:
+        """The rank records that exist, by rank."""
+        found = {}
+        for path in self.launch_dir.glob("rank-*.json"):
+            number = path.stem.removeprefix("rank-")
+            if number.isdigit():
+                found[int(number)] = path
+        return dict(sorted(found.items()))
+
+    @property
+    def lock(self) -> Path:
+        """The run lock: one launch per run directory (:mod:`harness.runlock`)."""
+        return self.launch_dir / "run.lock"
+
+    @property
+    def stop_request(self) -> Path:
+        """Written by ``harness train`` on SIGTERM/SIGINT/SIGUSR1: the ranks checkpoint and stop."""
+        return self.launch_dir / "stop"
 
     @property
     def hostfile(self) -> Path:

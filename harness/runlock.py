@@ -30,8 +30,16 @@ STALE_AFTER_S = 120.0
 class RunLock:
     """The lock of one run directory; use as a context manager around the launch."""
 
-    def __init__(self, path: Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+    def __init__(
+        self,
+        path: Path,
+        heartbeat_s: float = HEARTBEAT_S,
+        stale_after_s: float = STALE_AFTER_S,
+        extra: dict[str, Any] | None = None,
+    ):
         self.path = Path(path)
+        self.extra = dict(extra or {})
+        """More facts for the lock file (e.g. the Slurm job id, so a requeued job can take its own lock over)."""
         self.heartbeat_s = heartbeat_s
         self.stale_after_s = stale_after_s
         self._stop = threading.Event()
@@ -75,6 +83,7 @@ class RunLock:
             "pid": os.getpid(),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "token": self._token,
+            **self.extra,
         }
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

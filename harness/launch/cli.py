@@ -7,34 +7,40 @@
 rank's last log lines); the launcher's full output is kept in ``<run>/launch/launcher.log`` and every
 rank's in ``<run>/launch/rank-N.log`` (:mod:`harness.console`). ``--verbose`` streams all of it.
 
-``harness train`` exits with the launcher's status when it is non-zero; otherwise it trusts only
-rank 0's status.json (the deepspeed runner exits 0 when its launch process was SIGKILLed):
+Before anything is written, ``harness train`` checks what it can without ranks
+(:mod:`harness.preflight`) and takes the run lock (:mod:`harness.runlock`, held until it exits): a
+second launch on the same run directory is refused, naming the holder. While the launcher runs,
+SIGTERM, SIGINT and SIGUSR1 ask the ranks to checkpoint and stop, and a second one aborts
+(:mod:`harness.launch.supervise`). When a rank fails, one summary names the first failing rank.
+
+Exit codes (:mod:`harness.errors`): the state the ranks recorded in status.json decides
+(the deepspeed runner exits 0 when its launch process was SIGKILLed, so its status alone is not trusted):
 ``complete`` -> 0, ``preempted`` -> :data:`EXIT_PREEMPTED` (checkpoint saved; run again to resume),
+a failed rank -> 1 (2 for a user error only the ranks could find), a second signal -> 130; with no
+rank record at all, the launcher's own status when it is non-zero,
+``stalled`` -> :data:`EXIT_STALLED` (whatever the launcher's status; the message names the rank),
 anything else -> 1.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import os
 import shutil
-import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from harness.errors import EXIT_PREEMPTED, SpecError
+from harness.errors import EXIT_ABORTED, EXIT_FAILED, EXIT_PREEMPTED, EXIT_STALLED, SpecError
 from harness.launch.commands import Launch, build_launch
 from harness.launch.envfile import collect_env, masked, remove_env_file, write_env_file
 from harness.launch.shell import join
 from harness.launch.slurm import render_sbatch
+from harness.launch.supervise import report_failure, run_launcher
+from harness.launch.supervise import say as _say
 from harness.rundir import RunDir, write_atomic
-
-
-def _say(message: str) -> None:
-    print(f"harness: {message}", file=sys.stderr, flush=True)
 
 
 def _hostfile_text(spec) -> str | None:
@@ -87,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Validate, write the run directory, run the launcher and report how the run ended."""
     from harness.cliargs import load_from_args
     from harness.compiler import prepare_run_dir
-    from harness.rundir import read_status
+    from harness.runlock import RunLock
     from harness.train.reshard import plan_resume
 
     spec = load_from_args(args)
@@ -95,37 +101,83 @@ def cmd_train(args: argparse.Namespace) -> int:
         return _slurm(spec, args.spec, write=False, submit=False)
     launch, run_dir_text = plan_launch(spec)
     world = spec.world_size
-    spec = plan_resume(spec, world, dry_run=args.dry_run)  # a checkpoint of another world size
-    run_dir, _, _ = prepare_run_dir(spec, world, dry_run=args.dry_run)
-    if args.dry_run:
+    if args.dry_run:  # prints; takes no lock and writes nothing
+        spec = plan_resume(spec, world, dry_run=True)
+        prepare_run_dir(spec, world, dry_run=True)
         sys.stdout.write(describe(launch, run_dir_text, world))
         return 0
+    prepare_run_dir(spec, world, dry_run=True)  # every spec error before the lock and the checks
+    _preflight(spec)
+    lock = RunLock(RunDir.of(spec).lock)
+    lock.acquire()  # a second launch on this run directory stops here (SpecError, exit 2)
+    try:
+        spec = plan_resume(spec, world)  # a checkpoint of another world size
+        run_dir, _, _ = prepare_run_dir(spec, world)
+        return _launch(launch, spec, run_dir, world, args.verbose)
+    finally:
+        lock.release()
+
+
+def _preflight(spec) -> None:
+    """Refuse, before anything is written or started, what the ranks would only fail on later."""
+    from harness.preflight import check_before_launch, checkpoint_bytes
+
+    check_before_launch(spec, RunDir.of(spec).root, checkpoint_bytes(spec))
+
+
+def _launch(launch: Launch, spec, run_dir: RunDir, world: int, verbose: bool) -> int:
+    """Start the launcher in the prepared run directory and turn how it ended into an exit code."""
+    from harness.launch.supervise import last_step
+    from harness.rundir import read_status, write_status
+
     for note in launch.notes:
         _say(note)
     for path, text in launch.files.items():
         write_atomic(Path(path), text)
     run_dir.status.unlink(missing_ok=True)  # a stale "complete" must not pass for this run
+    run_dir.stop_request.unlink(missing_ok=True)  # nor a stop request a killed harness train left
+    for record in run_dir.rank_records().values():
+        record.unlink(missing_ok=True)
+    started = time.time()
     try:
         if launch.env_file:
             write_env_file(Path(launch.env_file), launch.env_values)
         _say(f"{launch.launcher} launch of {world} ranks, run directory {run_dir.root}")
         _say(f"command: {join(launch.cmd)}")
-        if not args.verbose:
+        if not verbose:
             _say(f"full output of the launcher and every rank: {run_dir.launch_dir}/ (--verbose shows it)")
-        rc, failure_shown = _run(
-            launch.cmd, launch.environment(os.environ), launch.cwd, run_dir, args.verbose
+        grace_s = spec.launch.slurm.preempt_signal_grace_s
+        outcome = run_launcher(
+            launch.cmd, launch.environment(os.environ), launch.cwd, run_dir, verbose, grace_s
         )
     finally:
         remove_env_file(Path(launch.env_file) if launch.env_file else None)
+    rc, failure_shown = outcome.rc, outcome.failure_reported
+    if outcome.aborted:
+        step = last_step(run_dir)
+        write_status(run_dir, "aborted", step)
+        _say(f"aborted at once after step {step} (a second signal): the ranks were killed without a "
+             "checkpoint; run the same command to resume from the newest complete one")  # fmt: skip
+        return EXIT_ABORTED
     status = read_status(run_dir) or {}
     state, step = status.get("state"), status.get("step")
     if rc == 0 and state == "complete":
         _say(f"run complete at step {step}: {run_dir.root}")
         return 0
-    if rc == 0 and state == "preempted":
+    if state == "preempted" and (rc == 0 or outcome.stop_signal is not None):
         _say(f"stopped by a signal at step {step} with a complete checkpoint; run the same command to resume")
         return EXIT_PREEMPTED
-    if not failure_shown and not args.verbose:
+    if state == "stalled":  # a rank's watchdog ended the run (harness.train.stall); any launcher status
+        _say(f"{status.get('message', 'a rank stalled')}; stacks of every rank in {status.get('stacks')}/; "
+             f"exit {EXIT_STALLED}: run the same command to resume from the newest complete checkpoint")  # fmt: skip
+        return EXIT_STALLED
+    code = report_failure(run_dir, world, started)  # the first failing rank, in one summary
+    if code is not None:
+        return code
+    if outcome.grace_expired:
+        _say(f"the ranks were ended after the grace period (run state: {state or 'no status.json'})")
+        return EXIT_FAILED
+    if not failure_shown and not verbose:
         _show_failure(run_dir)
     if rc != 0:
         _say(
@@ -136,7 +188,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         f"the launcher exited 0 but rank 0 recorded {state or 'no status'} in {run_dir.status}: "
         "a rank was killed or the launch process died (the deepspeed runner then still exits 0)"
     )
-    return 1
+    return EXIT_FAILED
 
 
 def _show_failure(run_dir: RunDir) -> None:
@@ -150,39 +202,6 @@ def _show_failure(run_dir: RunDir) -> None:
     logs = run_dir.rank_logs()
     if logs:
         _say(f"every rank's full output: {', '.join(str(p) for p in logs.values())}")
-
-
-def _run(cmd: list[str], env: dict[str, str], cwd: str, run_dir: RunDir, verbose: bool) -> tuple[int, bool]:
-    """Run the launcher in its own process group; SIGINT/SIGTERM to harness go to the whole group.
-
-    The group matters: the deepspeed runner has no handler on the local path, so signalling it alone
-    would leave its launch process and the ranks running. Its output goes through
-    :class:`harness.console.LauncherRelay`. Returns the exit status and whether a rank's failure
-    report reached the console.
-    """
-    from harness.console import LauncherRelay, RankLogFollower
-
-    proc = subprocess.Popen(cmd, env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)  # fmt: skip
-    relay = LauncherRelay(proc.stdout, run_dir.launcher_log, sys.stdout, verbose).start()
-    follower = (
-        RankLogFollower(lambda: list(run_dir.rank_logs().values()), sys.stdout).start() if verbose else None
-    )
-
-    def forward(signum, frame):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        rc = proc.wait()
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-        relay.join(timeout_s=10)  # ranks the launcher left behind may keep its output pipe open
-        if follower is not None:
-            follower.stop()
-    return (128 - rc if rc < 0 else rc), relay.failure_reported
 
 
 def cmd_slurm(args: argparse.Namespace) -> int:
@@ -206,7 +225,13 @@ def _slurm(spec, source: str, *, write: bool, submit: bool) -> int:
             f"launch.env lists {', '.join(missing)}, not set in this shell: the job's ranks will not get them"
         )
     path = str(paths.sbatch_script)
-    prepare_run_dir(spec, spec.world_size, dry_run=not write)
+    prepare_run_dir(spec, spec.world_size, dry_run=True)  # every spec error before anything is written
+    if write:
+        from harness.runlock import RunLock
+
+        _preflight(spec)
+        with RunLock(paths.lock):  # refused while a job or harness train runs in this directory
+            prepare_run_dir(spec, spec.world_size)
     if not write:
         sys.stdout.write(f"# launcher slurm: {spec.world_size} ranks, run directory {run_dir}\n")
         sys.stdout.write(f"# file {path}\n{script}# command:\nsbatch {join([path])}\n")
