@@ -10,6 +10,7 @@
             rank-0.json ...        how rank N of the latest launch ended (host, pid, error, exit code or signal)
             run.lock               held by the launch that owns the run directory (``harness.runlock``)
             stop                   a stop request from ``harness train`` (it got SIGTERM, SIGINT or SIGUSR1)
+            heartbeat/             hang detection: rank-N.json heartbeats, rank-N.stacks, stalled.json
             hostfile               the validated hostfile (pdsh, openmpi)
             deepspeed_env          the DS_ENV_FILE the PDSH runner reads (it names the env file)
             rank_env.json          launch.env values, mode 0600, removed after the run
@@ -20,7 +21,7 @@
         checkpoints/<tag>/     DeepSpeed shards + harness per-rank state + COMPLETE marker
         metrics.jsonl          one JSON object per logged step / evaluation
         tb/                    TensorBoard scalars
-        status.json            rank 0's last word: {"state": "complete" | "preempted" | "failed", "step": N}
+        status.json            rank 0's last word: {"state": "complete" | "preempted" | "stalled" | "failed", "step": N}
         hf/                    HF export (checkpoint.export_hf)
 
 :class:`RunDir` is the only place these names are spelled; :func:`write_atomic` and
@@ -148,6 +149,12 @@ class RunDir:
     def stop_request(self) -> Path:
         """Written by ``harness train`` on SIGTERM/SIGINT/SIGUSR1: the ranks checkpoint and stop."""
         return self.launch_dir / "stop"
+
+    @property
+    def heartbeat_dir(self) -> Path:
+        """Hang detection (:mod:`harness.train.stall`): ``rank-N.json`` heartbeats, ``rank-N.stacks`` Python
+        stacks dumped at a stall, ``stalled.json`` the stall report."""
+        return self.launch_dir / "heartbeat"
 
     @property
     def hostfile(self) -> Path:

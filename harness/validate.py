@@ -57,6 +57,8 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
     _positive(e, "train.eval_batches", spec.train.eval_batches)
     _positive(e, "train.eval_every", spec.train.eval_every, 0)
     _positive(e, "train.save_every", spec.train.save_every, 0)
+    if spec.train.stall_timeout != AUTO:
+        _positive(e, "train.stall_timeout", spec.train.stall_timeout, 0)
     _positive(e, "checkpoint.keep_last", spec.checkpoint.keep_last)
     _positive(e, "parallel.pipeline_stages", spec.parallel.pipeline_stages)
     _positive(e, "parallel.tensor_parallel", spec.parallel.tensor_parallel)

@@ -168,8 +168,9 @@ def _launch(launch: Launch, spec, run_dir: RunDir, world: int, verbose: bool) ->
         _say(f"stopped by a signal at step {step} with a complete checkpoint; run the same command to resume")
         return EXIT_PREEMPTED
     if state == "stalled":  # a rank's watchdog ended the run (harness.train.stall); any launcher status
-        _say(f"{status.get('message', 'a rank stalled')}; stacks of every rank in {status.get('stacks')}/; "
-             f"exit {EXIT_STALLED}: run the same command to resume from the newest complete checkpoint")  # fmt: skip
+        _say(f"the run stalled (rank {', '.join(map(str, status.get('ranks', [])))} on {status.get('host')}, "
+             f"{status.get('phase')} at step {step}); every rank's stacks: {status.get('stacks')}/; exit "
+             f"{EXIT_STALLED}: run the same command to resume from the newest complete checkpoint")  # fmt: skip
         return EXIT_STALLED
     code = report_failure(run_dir, world, started)  # the first failing rank, in one summary
     if code is not None:

@@ -18,6 +18,7 @@ from harness.planner.speed import flops_per_token
 from harness.presets import shape_of
 from harness.spec import RunSpec
 from harness.train.model import build_model, hf_config, param_groups
+from harness.train.watchdog import PROGRESS
 
 
 @dataclass
@@ -36,10 +37,14 @@ class RunEngine:
         engine = self.engine
         total = torch.zeros((), dtype=torch.float32, device=self.device)
         accum = engine.gradient_accumulation_steps()
-        for _ in range(accum):
+        for micro in range(accum):
+            PROGRESS.mark("data", micro)  # phases for the stall report (harness.train.watchdog)
             batch = next(sampler).to(self.device)
+            PROGRESS.mark("forward")
             loss = engine(input_ids=batch, labels=batch).loss
+            PROGRESS.mark("backward")
             engine.backward(loss)
+            PROGRESS.mark("optimizer")
             engine.step()
             total += loss.detach().float()
         return total / accum

@@ -16,10 +16,11 @@ import torch.distributed as dist
 
 from harness.rundir import RunDir, write_status
 from harness.spec import RunSpec
-from harness.train import checkpoint, signals
+from harness.train import checkpoint, signals, stall
 from harness.train.engine import data_parallel_coords
 from harness.train.engines import build_engine
 from harness.train.metrics import MetricsLogger, Throughput, memory_per_rank_bytes
+from harness.train.watchdog import PROGRESS
 
 if TYPE_CHECKING:
     from harness.console import RankConsole
@@ -81,19 +82,24 @@ def train(
     state = "complete"
     try:
         while step < spec.train.steps:
+            PROGRESS.begin_step(step + 1)  # progress marks feed the stall watchdog (train.stall_timeout)
             loss = run.train_step(sampler)
             step += 1
             meter.add(tokens_per_step)
             if step % spec.train.log_every == 0 or step == spec.train.steps:
+                PROGRESS.mark("log")
                 metrics.log(_step_record(engine, step, run.loss_value(loss), meter))
             if spec.train.eval_every and step % spec.train.eval_every == 0:
+                PROGRESS.mark("eval")
                 metrics.log(evaluate(run, data, spec, dp_rank, dp_size, step))
+            PROGRESS.mark("sync")
             stop = signals.agree_to_stop(run.device)
             if (
                 stop
                 or step == spec.train.steps
                 or (spec.train.save_every and step % spec.train.save_every == 0)
             ):
+                PROGRESS.mark("save")
                 checkpoint.save(
                     engine,
                     run_dir,
@@ -105,6 +111,7 @@ def train(
             if stop:
                 state = "preempted"
                 break
+        PROGRESS.mark("end")
         if state == "complete":
             if not spec.train.eval_every or step % spec.train.eval_every:
                 metrics.log(evaluate(run, data, spec, dp_rank, dp_size, step))
@@ -113,8 +120,7 @@ def train(
 
                 out = export_checkpoint(checkpoint.complete_checkpoints(run_dir)[-1].path, RunDir(run_dir).hf)
                 metrics.log({"step": step, "event": "exported", "path": str(out)})
-        if dist.is_initialized():
-            dist.barrier()
+        stall.barrier(spec.train.stall_timeout)  # on gloo it names a rank that never arrives
         if rank == 0:
             write_status(RunDir(run_dir), state, step)
     finally:

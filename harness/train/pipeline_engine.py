@@ -22,6 +22,7 @@ from harness.train.pipeline import (
     layer_specs,
     plan_split,
 )
+from harness.train.watchdog import PROGRESS
 
 
 def _check_partition(spec: RunSpec, specs: list, parts: list[int] | None = None) -> None:
@@ -72,6 +73,7 @@ class PipelineRunEngine(RunEngine):
     def train_step(self, sampler) -> torch.Tensor:
         """All accumulation micro-batches through the pipeline schedule; the mean loss over them and
         data-parallel ranks (DeepSpeed already reduced it: the same on every stage)."""
+        PROGRESS.mark("pipeline")
         return self.engine.train_batch(data_iter=_with_labels(sampler))
 
     def loss_value(self, loss: torch.Tensor) -> float:
