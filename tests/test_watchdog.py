@@ -262,7 +262,9 @@ def test_a_stopped_rank_is_named_and_the_run_ends_stalled(tmp_path):
         print(f"SIGSTOP of rank 1 -> harness train exited after {time.monotonic() - stopped_at:.1f} s")
         text = out + err
         assert proc.returncode == EXIT_STALLED, f"exit {proc.returncode}\n{text[-6000:]}"
-        assert f"stalled: rank 1 (host {victim['host']}, pid {victim['pid']}) in " in text, text[-6000:]
+        assert f"stalled: rank 1 (host {victim['host']}, pid {victim['pid']}): no heartbeat" in text, text[
+            -6000:
+        ]
         status = h.read_status(run_dir)
         assert status["state"] == "stalled" and status["ranks"] == [1], status
         assert status["phase"] in ("data", "forward", "backward", "optimizer", "log", "sync"), status
@@ -283,3 +285,16 @@ def test_a_stopped_rank_is_named_and_the_run_ends_stalled(tmp_path):
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=30)
+
+
+def test_the_sbatch_script_requeues_a_stalled_run():
+    from harness.launch.slurm import render_sbatch
+
+    spec = h.example_spec("launch.launcher=slurm")
+    script = render_sbatch(spec, run_dir="/runs/x", python="python3")
+    stalled = script[script.index("  stalled)") : script.index("    ;;", script.index("  stalled)"))]
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in stalled
+    off = render_sbatch(h.example_spec("launch.launcher=slurm", "launch.slurm.requeue=false"),
+                        run_dir="/runs/x", python="python3")  # fmt: skip
+    stalled = off[off.index("  stalled)") : off.index("    ;;", off.index("  stalled)"))]
+    assert "scontrol requeue" not in stalled and "exit 76" in stalled

@@ -73,6 +73,7 @@ def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "")
         master_port=ls.master_port,
         srun_line=srun_line,
         requeue=_REQUEUE if sl.requeue else _NO_REQUEUE,
+        requeue_stalled=_REQUEUE_STALLED if sl.requeue else _NO_REQUEUE_STALLED,
         status=STATUS_IN_SCRIPT,
     )
     return "\n".join(lines) + "\n" + body
@@ -205,6 +206,12 @@ case "$state" in
     fi
 {requeue}
     ;;
+  stalled)
+    # A rank stopped making progress and the watchdog ended the run (train.stall_timeout): treat it as a
+    # preemption; the run resumes from its newest complete checkpoint.
+    echo "harness: a rank stalled (srun exit status $rc); see $run_dir/status.json and $run_dir/launch/heartbeat/" >&2
+{requeue_stalled}
+    ;;
   *)
     echo "harness: ranks stopped without completing (srun exit status $rc, status '${{state:-none}}')" >&2
     if ((rc == 0)); then
@@ -226,6 +233,19 @@ _REQUEUE = """\
 _NO_REQUEUE = """\
     echo "harness: checkpoint saved; requeue is off (launch.slurm.requeue), submit this script again to resume"
     exit 0"""
+
+
+_REQUEUE_STALLED = """\
+    echo "harness: requeueing job ${SLURM_JOB_ID} (it resumes from the newest complete checkpoint)"
+    if ! scontrol requeue "$SLURM_JOB_ID"; then
+      echo "harness: scontrol requeue failed; submit this script again to resume" >&2
+      exit 76
+    fi
+    exit 0"""
+
+_NO_REQUEUE_STALLED = """\
+    echo "harness: requeue is off (launch.slurm.requeue); submit this script again to resume" >&2
+    exit 76"""
 
 
 def _assign(name: str, quoted: str) -> str:
