@@ -143,7 +143,23 @@ def cmd_show(args: argparse.Namespace) -> int:
     print("# derived")
     for key, value in derived_numbers(spec, world, plan).items():
         print(f"{key}: {value}")
+    _warn_missing_inputs(spec)
     return 0
+
+
+def _warn_missing_inputs(spec) -> None:
+    """What ``harness train`` would refuse before launch (a missing model directory, tokenizer or data
+    file), said by ``show`` too, naming the right field; ``show`` still prints (the files may exist only
+    where the run will happen)."""
+    from harness.preflight import TOKENIZER_FILES, data_problems, path_problems
+
+    problems = data_problems(spec.data)
+    problems += path_problems(spec.data.tokenizer, "data.tokenizer", TOKENIZER_FILES, "a tokenizer")
+    problems += path_problems(
+        spec.model.name_or_path, "model.name_or_path", ("config.json",), "an HF checkpoint"
+    )
+    for problem in problems:
+        print(f"harness: warning: {problem.message} (harness train refuses this)", file=sys.stderr)
 
 
 def derived_numbers(spec, world: int, plan) -> dict[str, Any]:

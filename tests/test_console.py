@@ -2,12 +2,13 @@
 
 The pure parts are tested as functions and threads; ``test_train_console_and_rank_logs`` runs
 ``harness train`` through the real deepspeed launcher, once to completion and once with every rank
-failing (a resume path that only the ranks read).
+failing on a user error only the ranks find (a tokenizer bigger than the model's vocabulary): one ``harness: error:`` line, exit 2.
 """
 
 from __future__ import annotations
 
 import io
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import checkout_env, output_of, train, write_spec
+from helpers import checkout_env, output_of, read_status, train, write_spec
 
 from harness.console import (
     FAILURE_TAIL_LINES,
@@ -187,20 +188,20 @@ def test_train_console_and_rank_logs(tmp_path):
     launcher = run.launcher_log.read_text()
     assert "[INFO] [launch.py" in launcher and f"{MARKER}step 3 | loss" in launcher
 
-    # Every rank fails (it reads checkpoint.resume, harness train does not): the console shows a
-    # failed rank's last log lines and the log's path.
-    nowhere = tmp_path / "nowhere" / "step-00000001"
-    proc = train(spec_path, f"checkpoint.resume={nowhere}")
-    assert proc.returncode != 0, output_of(proc)
-    failed = [line for line in proc.stdout.splitlines() if is_failure_report(line)]
-    assert failed and failed[0].startswith(("rank 0 failed: SpecError", "rank 1 failed: SpecError")), (
-        output_of(proc)
-    )
-    rank = int(failed[0].split()[1])
-    assert f"lines of {run.rank_log(rank)}:" in proc.stdout, output_of(proc)
-    assert f"  harness.errors.SpecError: checkpoint.resume = '{nowhere}'" in proc.stdout, output_of(proc)
-    assert "[launch.py" not in proc.stdout + proc.stderr, output_of(
-        proc
-    )  # the rank's lines, not the launcher's
-    assert run.rank_log(rank).read_text().count(f"===== harness rank {rank},") == 2  # appended
-    assert "exits with return code = 1" in run.launcher_log.read_text()
+    # Every rank fails on a user error only the ranks find (the tokenizer is read there, not by harness
+    # train): one line naming the field, exit 2, no traceback; the ranks' logs keep the rest.
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(run.tokenizer, tokenizer)  # the run's own: 1,024 tokens, more than 512
+    proc = train(spec_path, f"data.tokenizer={tokenizer}", "model.overrides.vocab_size=512")
+    assert proc.returncode == 2, output_of(proc)
+    console = proc.stdout + proc.stderr
+    assert console.count(f"harness: error: data.tokenizer = '{tokenizer} (") == 1, output_of(proc)
+    assert "bigger than the model's vocab_size 512" in proc.stderr, output_of(proc)
+    assert "Traceback" not in console and "[launch.py" not in console, output_of(proc)
+    assert not any(is_failure_report(line) for line in proc.stdout.splitlines()), output_of(proc)
+    for rank in (0, 1):
+        text = run.rank_log(rank).read_text()
+        assert text.count(f"===== harness rank {rank},") == 2, text[-3000:]  # appended
+        assert "bigger than the model's vocab_size 512" in text
+    status = read_status(run_dir)
+    assert status["state"] == "failed" and status["user_error"], status

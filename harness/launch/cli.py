@@ -107,6 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.stdout.write(describe(launch, run_dir_text, world))
         return 0
     prepare_run_dir(spec, world, dry_run=True)  # every spec error before the lock and the checks
+    plan_resume(spec, world, dry_run=True, say=lambda message: None)  # said once, below, under the lock
     _preflight(spec)
     lock = RunLock(RunDir.of(spec).lock)
     lock.acquire()  # a second launch on this run directory stops here (SpecError, exit 2)
