@@ -341,7 +341,7 @@ def load(engine, ckpt: CheckpointInfo, rank: int, load_optimizer: bool = True) -
     # Written by another data-parallel size: harness.train.reshard loads its universal copy.
     from harness.train.reshard import load_resharded
 
-    resharded = load_resharded(engine, ckpt, rank, load_optimizer)
+    resharded = load_resharded(engine, ckpt, rank, load_optimizer, set_rng_state=set_rng_state)
     if resharded is not None:
         return resharded
     path = _rank_file(ckpt.path, rank)

@@ -40,6 +40,7 @@ from harness.dsconfig import deep_merge, universal_load_keys
 from harness.errors import SpecError
 from harness.rundir import RunDir, atomic_path, write_atomic
 from harness.specload import load_spec
+from harness.train import integrity
 
 UNIVERSAL_DIR = "universal"
 """The universal copy of a tag lives in ``<tag>/universal/<tag>/`` (rotation removes it with its tag)."""
@@ -142,9 +143,7 @@ def checkpoint_layout(tag_dir: Path) -> Layout:
             return found
     import torch  # only for markers that predate the layout record
 
-    from harness.train import checkpoint
-
-    sampler = torch.load(checkpoint._rank_file(tag_dir, 0), weights_only=True)["client"]["sampler"]
+    sampler = torch.load(rank_state_file(tag_dir, 0), weights_only=True)["client"]["sampler"]
     spec = load_spec(RunDir.of_checkpoint(tag_dir).spec)
     world = int(marker.get("world_size", sampler["dp_size"]))
     p = spec.parallel
@@ -159,25 +158,8 @@ def checkpoint_layout(tag_dir: Path) -> Layout:
     )
 
 
-def _checkpoint_index():
-    """The torch-free module that finds tags and reads markers (``harness.train.integrity``); before it
-    existed, :mod:`harness.train.checkpoint` had those functions (and imported torch)."""
-    try:
-        from harness.train import integrity
-
-        return integrity
-    except ImportError:
-        from harness.train import checkpoint
-
-        return checkpoint
-
-
 def _read_marker(tag_dir: Path) -> dict[str, Any]:
-    index = _checkpoint_index()
-    reader = getattr(index, "read_marker", None)
-    if reader is not None:
-        return dict(reader(tag_dir))
-    return json.loads((tag_dir / index.MARKER).read_text(encoding="utf-8"))
+    return integrity.read_marker(tag_dir)
 
 
 def resolve_batch(global_batch: int, data_parallel: int, micro_wanted: int) -> tuple[int, int]:
@@ -341,7 +323,7 @@ def plan_resume(spec, world_size: int, *, dry_run: bool = False, say=None):
     run_dir = RunDir.of(spec)
     if spec.checkpoint.resume == "auto" and not any(run_dir.checkpoints.glob("*/COMPLETE")):
         return spec  # nothing to resume: keep torch out of a fresh start
-    ckpt = _checkpoint_index().find_resume(run_dir.root, spec.checkpoint.resume)
+    ckpt = integrity.find_resume(run_dir.root, spec.checkpoint.resume)
     if ckpt is None:
         return spec
     old = checkpoint_layout(ckpt.path)
@@ -422,26 +404,35 @@ def rederive_sampler_state(
     return out
 
 
-def load_resharded(engine, ckpt, rank: int, load_optimizer: bool = True) -> dict[str, Any] | None:
+def rank_state_file(tag_dir: Path, rank: int) -> Path:
+    """A rank's harness state in a tag (written by :func:`harness.train.checkpoint.save`)."""
+    return Path(tag_dir) / "harness" / f"rank-{rank:05d}.pt"
+
+
+def load_resharded(
+    engine, ckpt, rank: int, load_optimizer: bool = True, *, set_rng_state=None
+) -> dict[str, Any] | None:
     """For :func:`harness.train.checkpoint.load`: load ``ckpt`` onto a different data-parallel size.
 
     Returns None when the checkpoint's data-parallel size is this engine's and no universal load was
     asked for (the caller loads as usual). Otherwise loads the universal copy (or, for a ZeRO 0 tag, the
-    tag itself), restores this rank's RNG state when the checkpoint had this rank (else seeds it from the
-    run's seed, step and rank), and returns the client state with the data position re-derived.
+    tag itself), restores this rank's RNG state with ``set_rng_state`` (checkpoint.py's, passed in: this
+    module does not import checkpoint.py, which imports it) when the checkpoint had this rank, else seeds
+    it from the run's seed, step and rank, and returns the client state with the data position re-derived.
     """
     import numpy as np
     import torch
 
-    from harness.train import checkpoint
     from harness.train.engine import data_parallel_coords
     from harness.train.safety import verify_checkpoint_files
 
-    first = torch.load(checkpoint._rank_file(ckpt.path, 0), weights_only=True)["client"]
+    first_file = rank_state_file(ckpt.path, 0)
+    first = torch.load(first_file, weights_only=True)["client"] if first_file.is_file() else {}
     _, dp_size = data_parallel_coords(engine)
-    universal = bool(engine.load_universal_checkpoint())
-    if first["sampler"]["dp_size"] == dp_size and not universal:
-        return None
+    asked = getattr(engine, "load_universal_checkpoint", None)  # absent on test stand-ins
+    universal = bool(asked()) if callable(asked) else False
+    if "sampler" not in first or (first["sampler"]["dp_size"] == dp_size and not universal):
+        return None  # the usual load (which also refuses a tag without this rank's state)
     verify_checkpoint_files(ckpt.path)
     if needs_conversion(ckpt.path):
         if not universal or not is_converted(ckpt.path):
@@ -468,9 +459,9 @@ def load_resharded(engine, ckpt, rank: int, load_optimizer: bool = True) -> dict
         grad_accum=engine.gradient_accumulation_steps(),
         dp_size=dp_size,
     )
-    own = checkpoint._rank_file(ckpt.path, rank)
-    if own.is_file():
-        checkpoint.set_rng_state(torch.load(own, weights_only=True)["rng"])
+    own = rank_state_file(ckpt.path, rank)
+    if own.is_file() and set_rng_state is not None:
+        set_rng_state(torch.load(own, weights_only=True)["rng"])
     else:
         # A rank the checkpoint did not have: fresh streams that differ by rank, as a fresh start's do.
         seed = int(
