@@ -16,7 +16,9 @@ partial tag on every rank's agreement and ends the run with one line.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import random
 import shutil
 from collections.abc import Callable, Iterator
@@ -45,6 +47,9 @@ from harness.train.integrity import (  # noqa: F401 - re-exported: callers say c
 
 if TYPE_CHECKING:
     from harness.spec import CheckpointSection
+
+_FULL_DISK_BYTES = 1 << 20
+"""Less free than this right after a failed write: the disk is full (the write stopped for want of space)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -198,7 +203,7 @@ def save(
         failed = _agree(dist, engine, world, rank, error)
     if failed:
         where = records.get("_writing")
-        own = f"{_error_text(error)}{f' writing {where}' if where else ''}" if error is not None else ""
+        own = f"{_error_text(error, root)}{f' writing {where}' if where else ''}" if error is not None else ""
         texts = _gather_texts(dist, world, own)
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
@@ -228,11 +233,18 @@ def _gather_texts(dist, world: int, text: str) -> list[str]:
     return [str(t or "") for t in texts]
 
 
-def _error_text(exc: BaseException) -> str:
+def _error_text(exc: BaseException, root: Path) -> str:
+    """What went wrong on this rank, short. torch's zip writer reports a full disk as a RuntimeError
+    without errno ("unexpected pos ...", "file write failed"), so a non-OSError while the file system
+    has (almost) nothing free is called what it is."""
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
-    first = (str(exc).strip().splitlines() or [""])[-1]
-    return f"{type(exc).__name__}: {first}"[:200]
+    text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"[:160]
+    try:
+        full = shutil.disk_usage(root).free < _FULL_DISK_BYTES
+    except OSError:
+        full = False
+    return f"{os.strerror(errno.ENOSPC)} ({text})" if full else text
 
 
 def _save_failure(run_dir: Path, tag: str, texts: list[str]) -> str:
