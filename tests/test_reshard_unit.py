@@ -198,7 +198,7 @@ def test_plan_resume_dry_run_resolves_the_batch_and_asks_for_a_universal_load(tm
     out = reshard.plan_resume(load_spec(spec_path), 1, dry_run=True, say=said.append)
     assert (out.batch.micro_batch_size, out.batch.grad_accum) == (4, 2)
     assert out.deepspeed == {"checkpoint": {"load_universal": True}}
-    assert "resuming on 1 ranks with the same global batch of 8: micro 4 × accumulation 2" in said[0]
+    assert "resuming on 1 rank with the same global batch of 8: micro 4 × accumulation 2" in said[0]
     assert said[-1].startswith("would convert it")
     assert not (run_dir / "checkpoints" / "step-00000005" / "universal").exists()
 
