@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 import time
@@ -147,10 +148,12 @@ def convert_to_universal(tag_dir: Path, source: Layout | None = None) -> Path:
     started = time.time()
     with atomic_path(out) as tmp:
         tmp.mkdir()
-        # ds_to_universal writes `latest_universal` beside its output folder, i.e. into tmp.
+        # ds_to_universal writes `latest_universal` beside its output folder, i.e. into tmp. Its worker
+        # processes each hold shards in memory: half the cores, at most DeepSpeed's defaults (4 and 2).
+        extract = max(1, min(4, (os.cpu_count() or 2) // 2))
         cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(tag_dir),
                "--output_folder", str(tmp / tag_dir.name), "--inject_missing_state",
-               "--num_extract_workers", "1", "--num_merge_workers", "1"]  # fmt: skip
+               "--num_extract_workers", str(extract), "--num_merge_workers", str(max(1, extract // 2))]  # fmt: skip
         done = subprocess.run(cmd, capture_output=True, text=True, check=False)
         (tmp / CONVERT_LOG).write_text(done.stdout + done.stderr, encoding="utf-8")
         if done.returncode != 0:
