@@ -5,6 +5,7 @@ verify`` and ``harness export`` on good and bad tags; a full disk during a save 
 box lets root mount one).
 
 One base run (9 steps, a checkpoint every 3) is trained once per module; each fault test copies it.
+Measured on the shared 2-core box: the base run 12-26 s, each resume 13-35 s, the full-disk pair 30-45 s.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def assert_fell_back(proc, run_dir: Path, bad: int, good: int, problem: str) -> 
     assert "Traceback" not in out, h.output_of(proc)
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(240)
 def test_flipped_bytes_in_an_optimizer_file_are_set_aside_and_training_continues_exactly(base, tmp_path):
     run_dir, where = copy_of(base, tmp_path)
     record = checkpoint.read_marker(tag(run_dir, 9))["files"][OPTIM_FILE]
@@ -92,7 +93,7 @@ def test_flipped_bytes_in_an_optimizer_file_are_set_aside_and_training_continues
     assert integrity.verify_tag(tag(run_dir, 9)) == []
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(240)
 def test_a_truncated_file_is_set_aside_and_training_continues_from_the_previous_checkpoint(base, tmp_path):
     run_dir, where = copy_of(base, tmp_path)
     victim = tag(run_dir, 9) / "mp_rank_00_model_states.pt"
@@ -107,7 +108,7 @@ def test_a_truncated_file_is_set_aside_and_training_continues_from_the_previous_
     assert [losses[s] for s in (7, 8, 9)] == [first[s] for s in (7, 8, 9)] and 10 in losses
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(240)
 def test_checkpoint_verify_and_export_on_good_and_bad_tags(base, tmp_path):
     run_dir, _ = copy_of(base, tmp_path)
     ok = h.run_harness("checkpoint", "verify", str(run_dir))
@@ -134,7 +135,7 @@ def _mount_tmpfs(path: Path, size_bytes: int) -> bool:
     return done.returncode == 0
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(360)
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_a_rerun_resumes(base, tmp_path):
     one_checkpoint = checkpoint.read_marker(tag(base[1], 3))["total_bytes"]
     spec, run_dir = h.write_spec(tmp_path, "full", steps=4, **COMMON)

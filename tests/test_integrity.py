@@ -126,6 +126,30 @@ def test_marker_layout_round_trips(tmp_path):
     }
 
 
+class TorchCheckpointEngine:
+    """Named like DeepSpeed's default engine, which only calls ``torch.save(state_dict, path)``."""
+
+    zipfile_serialization = True
+
+    def save(self, state_dict, path):
+        torch.save(state_dict, path, _use_new_zipfile_serialization=True)
+
+
+def test_shards_of_the_default_engine_are_checksummed_on_their_way_to_disk(tmp_path, monkeypatch):
+    engine = FakeEngine()
+    engine.checkpoint_engine = TorchCheckpointEngine()
+    reads = []
+    monkeypatch.setattr(integrity, "file_checksum", lambda path, algo: reads.append(path.name) or "x")
+    tag = checkpoint.save(engine, tmp_path, 1, 0, {}, 2)
+    assert reads == ["rank-00000.pt"]  # the shards were not read back
+    monkeypatch.undo()
+    files = checkpoint.read_marker(tag)["files"]
+    for name in SHARDS:
+        assert files[name]["checksum"] == integrity.file_checksum(tag / name, integrity.checksum_algorithm())
+        assert files[name]["size"] == (tag / name).stat().st_size
+    assert "save" not in vars(engine.checkpoint_engine)  # unwrapped again
+
+
 def test_files_written_outside_the_checkpoint_engine_are_listed_too(tmp_path):
     class Direct(FakeEngine):
         def save_checkpoint(self, save_dir, tag, client_state, save_latest):
