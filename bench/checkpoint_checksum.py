@@ -41,8 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command line (the deepspeed launcher adds --local_rank unless --no_local_rank)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--spec", default=str(ROOT / "examples" / "tiny-cpu.yaml"), help="run spec YAML")
-    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="K=V",
-                        help="spec overrides, applied after the default widening (--no-widen drops it)")  # fmt: skip
+    parser.add_argument(
+        "--set", dest="overrides", nargs="+", action="extend", default=[], metavar="K=V",
+        help="spec overrides, after the default widening (--no-widen drops it)",
+    )  # fmt: skip
     parser.add_argument("--no-widen", action="store_true", help="the spec's model as it is")
     parser.add_argument("--windows", type=int, default=7, help="timed windows (one save of each kind)")
     parser.add_argument("--json", type=Path, default=None, help="also write the numbers here (rank 0)")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"save with {name:10s}: median {median[name]:.3f} s  ({', '.join(f'{v:.3f}' for v in s)})"
                 )
             print(
-                f"ratio with/without checksums: {result['ratio_of_medians']:.3f} (median of per-window ratios "
+                f"ratio with/without checksums: {result['ratio_of_medians']:.3f} (median per-window ratio "
                 f"{result['ratio_median_window']:.3f}; goal <= 1.05)"
             )
             print(

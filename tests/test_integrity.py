@@ -298,9 +298,11 @@ def test_a_full_disk_removes_the_partial_tag_keeps_the_previous_and_says_how_muc
         checkpoint.save(FakeEngine(fail_at=2), tmp_path, 2, 0, {}, 1)
     message = str(err.value)
     assert "\n" not in message
-    assert message.startswith(f"checkpoint step-00000002 could not be saved (rank 0: No space left on device "
-                              f"writing {SHARDS[1]}); a checkpoint of this run needs "
-                              f"{integrity.human_bytes(previous_bytes)} (the size of step-00000001)")  # fmt: skip
+    need = integrity.human_bytes(previous_bytes)
+    assert message.startswith(
+        f"checkpoint step-00000002 could not be saved (rank 0: No space left on device writing {SHARDS[1]}); "
+        f"a checkpoint of this run needs {need} (the size of step-00000001)"
+    )
     assert "the partial step-00000002 was removed and step-00000001 is kept" in message
     assert "run the same command to resume from step-00000001" in message
     root = checkpoint.checkpoints_dir(tmp_path)

@@ -89,8 +89,9 @@ def _recording_writes(engine, tag_dir: Path, rank: int, algorithm: str | None) -
     ZeRO files in ``runtime/engine.py``, pipeline layer files in ``PipelineModule.save_state_dict``), so
     wrapping that one method names exactly this rank's files. Its default engine only calls
     ``torch.save(state_dict, path)``, so the path is swapped for a file object that checksums the bytes
-    on their way to disk (only the hash's own time; reading the files back cost 15% of the save); any other checkpoint engine
-    keeps its path and the file is read back. ``records["_writing"]`` names a file whose write failed.
+    on their way to disk (only the hash's own time; reading the files back cost 15% of the save); any
+    other checkpoint engine keeps its path and the file is read back. ``records["_writing"]`` names a
+    file whose write failed.
     """
     records: dict[str, Any] = {}
     ckpt_engine = getattr(engine, "checkpoint_engine", None)

@@ -152,8 +152,8 @@ def file_checksum(path: Path, algorithm: str) -> str:
 
 
 class HashingWriter:
-    """A write-only file object that checksums the bytes on their way to ``file``: ``torch.save`` into
-    it costs what a save to the path costs, with no second pass over the file (bench/checkpoint_checksum.py)."""
+    """A write-only file object that checksums the bytes on their way to ``file``: ``torch.save`` into it
+    costs a save to the path plus the hash, no second pass over the file (bench/checkpoint_checksum.py)."""
 
     def __init__(self, file, algorithm: str) -> None:
         self.file = file
@@ -184,7 +184,7 @@ def _can_compute(algorithm: str | None) -> bool:
 
 
 def file_records(tag_dir: Path, paths: list[Path], rank: int, algorithm: str | None) -> dict[str, Any]:
-    """``{relative path: {size, checksum, rank}}`` of files ``rank`` wrote (no checksum if algorithm is None)."""
+    """``{relative path: {size, checksum, rank}}`` of files ``rank`` wrote (no checksum without algorithm)."""
     records = {}
     for path in paths:
         record: dict[str, Any] = {"size": path.stat().st_size, "rank": rank}
@@ -348,9 +348,8 @@ def choose_resume(
                 say(f"resuming from {info.tag} instead (the previous complete checkpoint)")
             return info
         moved = set_aside(info.path)
-        say(
-            f"checkpoint {info.tag} failed verification: {describe_problems(problems)}; set aside as {moved.name}"
-        )
+        problem = describe_problems(problems)
+        say(f"checkpoint {info.tag} failed verification: {problem}; set aside as {moved.name}")
         failed = True
     say("no intact checkpoint is left: training starts from step 0")
     return None
@@ -385,8 +384,8 @@ def cmd_verify(args) -> int:
     elif checkpoints_dir(source).is_dir():
         tags = sorted(p for p in checkpoints_dir(source).iterdir() if p.is_dir())
     else:
-        raise SpecError("RUN_DIR_OR_CHECKPOINT", str(source), "give a run directory or a checkpoint tag "
-                        "directory (…/checkpoints/step-NNNNNNNN)", reason="no checkpoints there")  # fmt: skip
+        fix = "give a run directory or a checkpoint tag directory (…/checkpoints/step-NNNNNNNN)"
+        raise SpecError("RUN_DIR_OR_CHECKPOINT", str(source), fix, reason="no checkpoints there")
     num_ok = num_bad = 0
     for tag_dir in tags:
         if not TAG_RE.match(tag_dir.name):
