@@ -258,7 +258,7 @@ def _error_text(exc: BaseException, root: Path) -> str:
         full = shutil.disk_usage(root).free < _FULL_DISK_BYTES
     except OSError:
         full = False
-    return f"{os.strerror(errno.ENOSPC)} ({text})" if full else text
+    return os.strerror(errno.ENOSPC) if full else text  # torch's own words stay in the rank's log
 
 
 def _save_failure(run_dir: Path, tag: str, texts: list[str]) -> str:
