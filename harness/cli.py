@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = verbs.add_parser("verify", help="sizes and checksums of every file; exit 0 when all tags are intact")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("--size-only", action="store_true", help="check sizes only (fast on slow storage)")
-    p.set_defaults(func=_lazy("harness.train.integrity", "cmd_verify"))
+    p.set_defaults(func=_lazy("harness.train.checkpoint_cmd", "cmd_verify"))
 
     p = sub.add_parser("generate", help="sample text from an exported HF checkpoint")
     p.add_argument("model_dir", metavar="DIR")

@@ -205,6 +205,20 @@ def test_a_truncated_or_missing_file_fails_the_size_check(tmp_path):
     assert problems["harness/rank-00000.pt"].what == "missing"
 
 
+def test_ranks_share_the_verification_by_writer(tmp_path):
+    (tag,) = saved(tmp_path, 1)
+    marker = checkpoint.read_marker(tag)
+    for name in SHARDS:  # as if rank 1 of 3 had written the optimizer file
+        marker["files"][name]["rank"] = 1 if name == SHARDS[1] else 0
+    (tag / "COMPLETE").write_text(json.dumps(marker))
+    for name in marker["files"]:
+        truncate(tag / name)
+    found = {r: {p.file for p in integrity.verify_tag(tag, "size", share=(r, 2))} for r in (0, 1)}
+    assert found == {0: {SHARDS[0], "harness/rank-00000.pt"}, 1: {SHARDS[1]}}
+    assert {p.file for p in integrity.verify_tag(tag, "size", share=(1, 3))} == {SHARDS[1]}
+    assert integrity.verify_tag(tag, "size", share=(2, 3)) == []
+
+
 def test_an_unreadable_marker_fails_and_a_format_1_marker_has_nothing_to_check(tmp_path):
     (tag,) = saved(tmp_path, 1)
     (tag / "COMPLETE").write_text('{"step": 1, "tag": "step-00000001", "world_size": 2}\n')

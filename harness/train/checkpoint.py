@@ -16,13 +16,10 @@ partial tag on every rank's agreement and ends the run with one line.
 
 from __future__ import annotations
 
-import errno
 import json
-import os
 import random
 import shutil
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +27,8 @@ import numpy as np
 import torch
 
 from harness.errors import SpecError
-from harness.rundir import RunDir, atomic_path, write_atomic
-from harness.train import integrity
+from harness.rundir import atomic_path, write_atomic
+from harness.train import checkpoint_writes, integrity
 from harness.train.integrity import (  # noqa: F401 - re-exported: callers say checkpoint.<name>
     MARKER,
     TAG_RE,
@@ -47,9 +44,6 @@ from harness.train.integrity import (  # noqa: F401 - re-exported: callers say c
 
 if TYPE_CHECKING:
     from harness.spec import CheckpointSection
-
-_FULL_DISK_BYTES = 1 << 20
-"""Less free than this right after a failed write: the disk is full (the write stopped for want of space)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -79,54 +73,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def _rank_file(tag_dir: Path, rank: int) -> Path:
     return tag_dir / "harness" / f"rank-{rank:05d}.pt"
-
-
-@contextmanager
-def _recording_writes(engine, tag_dir: Path, rank: int, algorithm: str | None) -> Iterator[dict[str, Any]]:
-    """Size and checksum of every file DeepSpeed writes on this rank during the block, by relative path.
-
-    DeepSpeed writes every shard through ``engine.checkpoint_engine.save(state_dict, path)`` (model and
-    ZeRO files in ``runtime/engine.py``, pipeline layer files in ``PipelineModule.save_state_dict``), so
-    wrapping that one method names exactly this rank's files. Its default engine only calls
-    ``torch.save(state_dict, path)``, so the path is swapped for a file object that checksums the bytes
-    on their way to disk (only the hash's own time; reading the files back cost 15% of the save); any
-    other checkpoint engine keeps its path and the file is read back. ``records["_writing"]`` names a
-    file whose write failed.
-    """
-    records: dict[str, Any] = {}
-    ckpt_engine = getattr(engine, "checkpoint_engine", None)
-    if ckpt_engine is None:  # a stand-in engine: rank 0 lists what it finds when it merges
-        yield records
-        return
-    had_own = "save" in vars(ckpt_engine)
-    original = ckpt_engine.save
-    # The zip format writes through file objects; torch's legacy format wants a real file.
-    streams = type(ckpt_engine).__name__ == "TorchCheckpointEngine" and getattr(
-        ckpt_engine, "zipfile_serialization", False
-    )
-
-    def save(state_dict, path, *args, **kwargs):
-        records["_writing"] = Path(path).name
-        if streams and algorithm:
-            with open(path, "wb") as f:
-                writer = integrity.HashingWriter(f, algorithm)
-                result = original(state_dict, writer, *args, **kwargs)
-            record = {"size": Path(path).stat().st_size, "rank": rank, "checksum": writer.hexdigest()}
-            records[Path(path).relative_to(tag_dir).as_posix()] = record
-        else:
-            result = original(state_dict, path, *args, **kwargs)
-            records.update(integrity.file_records(tag_dir, [Path(path)], rank, algorithm))
-        records.pop("_writing")
-        return result
-
-    ckpt_engine.save = save
-    try:
-        yield records
-    finally:
-        if had_own:
-            ckpt_engine.save = original
-        else:
-            del ckpt_engine.save
 
 
 def layout_of(engine, step: int, world_size: int) -> dict[str, Any]:
@@ -187,7 +133,7 @@ def save(
     error: BaseException | None = None
     records: dict[str, Any] = {}
     try:
-        with _recording_writes(engine, tag_dir, rank, algorithm) as records:
+        with checkpoint_writes.recording_writes(engine, tag_dir, rank, algorithm) as records:
             # save_latest=False: DeepSpeed would publish `latest` before every rank wrote; we write it after.
             engine.save_checkpoint(str(root), tag=tag, client_state={"step": step}, save_latest=False)
     except Exception as exc:  # noqa: BLE001 - any failed write: the ranks must agree before anything else
@@ -204,7 +150,9 @@ def save(
             integrity.write_manifest(tag_dir, rank, records)
         except Exception as exc:  # noqa: BLE001
             error = exc
-    failed = _agree(dist, engine, world, rank, error)  # also the barrier after every rank's write
+    failed = checkpoint_writes.agree_failed(
+        dist, engine, world, rank, error
+    )  # also the barrier after every rank's write
     if not failed and rank == 0:
         try:
             files = integrity.merge_manifests(tag_dir, world, algorithm)
@@ -214,90 +162,23 @@ def save(
         except Exception as exc:  # noqa: BLE001
             error = exc
     if not failed:
-        failed = _agree(dist, engine, world, rank, error)
+        failed = checkpoint_writes.agree_failed(dist, engine, world, rank, error)
     if failed:
         where = records.get("_writing")
-        own = f"{_error_text(error, root)}{f' writing {where}' if where else ''}" if error is not None else ""
-        texts = _gather_texts(dist, world, own)
+        own = (
+            f"{checkpoint_writes.error_text(error, root)}{f' writing {where}' if where else ''}"
+            if error is not None
+            else ""
+        )
+        texts = checkpoint_writes.gather_texts(dist, world, own)
         if rank == 0:
             shutil.rmtree(tag_dir, ignore_errors=True)
         _barrier(dist)
-        raise CheckpointError(_save_failure(run_dir, tag, texts)) from error
+        raise CheckpointError(checkpoint_writes.save_failure_message(run_dir, tag, texts)) from error
     if rank == 0:
         rotate(run_dir, keep_last)
     _barrier(dist)
     return tag_dir
-
-
-def _agree(dist, engine, world: int, rank: int, error: BaseException | None) -> bool:
-    """True on every rank if any rank's ``error`` is set (one small all-reduce)."""
-    if not dist.is_initialized():
-        return error is not None
-    flag = torch.tensor([0.0 if error is None else 1.0], device=getattr(engine, "device", None) or "cpu")
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
-def _gather_texts(dist, world: int, text: str) -> list[str]:
-    """Every rank's error text ('' for none), by rank; only on the failure path."""
-    if not dist.is_initialized():
-        return [text]
-    texts: list[Any] = [None] * world
-    dist.all_gather_object(texts, text)
-    return [str(t or "") for t in texts]
-
-
-def _error_text(exc: BaseException, root: Path) -> str:
-    """What went wrong on this rank, short. torch's zip writer reports a full disk as a RuntimeError
-    without errno ("unexpected pos ...", "file write failed"), so a non-OSError while the file system
-    has (almost) nothing free is called what it is."""
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    text = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[-1]}"[:160]
-    try:
-        full = shutil.disk_usage(root).free < _FULL_DISK_BYTES
-    except OSError:
-        full = False
-    return os.strerror(errno.ENOSPC) if full else text  # torch's own words stay in the rank's log
-
-
-def _save_failure(run_dir: Path, tag: str, texts: list[str]) -> str:
-    """The one line every rank raises: which ranks failed and why, the space a checkpoint needs (the
-    previous checkpoint's size, else the predicted size) against what is free, and what was kept."""
-    failures = [f"rank {r}: {t}" for r, t in enumerate(texts) if t]
-    reason = "; ".join(failures[:2]) + (f"; {len(failures) - 2} more ranks" if len(failures) > 2 else "")
-    root = checkpoints_dir(run_dir)
-    previous = complete_checkpoints(run_dir)
-    need = None
-    if previous:
-        need, basis = integrity.checkpoint_bytes_on_disk(previous[-1].path), f"the size of {previous[-1].tag}"
-    else:
-        need, basis = _predicted_bytes(run_dir), "predicted"
-    free = shutil.disk_usage(root).free if root.is_dir() else None
-    space = (
-        f"a checkpoint of this run needs {integrity.human_bytes(need)} ({basis})"
-        if need
-        else "the size of a checkpoint is unknown"
-    )
-    if free is not None:
-        space += f", {integrity.human_bytes(free)} is free in {root}"
-    kept = f"{previous[-1].tag} is kept" if previous else "there is no earlier checkpoint"
-    then = f"resume from {previous[-1].tag}" if previous else "start again"
-    return (
-        f"checkpoint {tag} could not be saved ({reason}); {space}; the partial {tag} was removed and {kept}. "
-        f"Fix: free space there (or lower checkpoint.keep_last, or move run.output_dir), then run the same "
-        f"command to {then}"
-    )
-
-
-def _predicted_bytes(run_dir: Path) -> int | None:
-    try:
-        from harness.preflight import checkpoint_bytes
-        from harness.specload import load_spec
-
-        return checkpoint_bytes(load_spec(RunDir(Path(run_dir)).spec))
-    except Exception:  # noqa: BLE001 - only a number for a message
-        return None
 
 
 def rotate(run_dir: Path, keep_last: int) -> list[Path]:
@@ -320,43 +201,66 @@ def rotate(run_dir: Path, keep_last: int) -> list[Path]:
     return removed
 
 
+_VERIFY, _CHOSEN, _REFUSED, _FAILED = 1, 2, 3, 4
+"""What rank 0 tells the other ranks while it chooses the checkpoint to resume from."""
+
+
 def find_verified_resume(
     run_dir: Path, section: CheckpointSection, rank: int, device=None, say: Callable[[str], None] = print
 ) -> CheckpointInfo | None:
-    """The checkpoint every rank resumes from, verified before DeepSpeed loads anything.
+    """The checkpoint every rank resumes from, verified against its marker before DeepSpeed loads anything.
 
-    Rank 0 checks it against its marker (``checkpoint.verify``), sets aside a tag that fails and falls
-    back to the previous complete one, saying each step through ``say``; then it tells every rank which
-    step it chose (one all-reduce), so no rank decides from a file system it may see later than rank 0.
-    An explicit ``checkpoint.resume`` tag that fails is refused on every rank.
+    Rank 0 walks the candidates (:func:`integrity.choose_resume`: newest complete first). For each, it
+    tells every rank which tag to check; every rank checks its share of the files (those written by its
+    rank, modulo the world: mostly its own, so a large checkpoint is read in parallel), the problems are
+    gathered, and rank 0 sets a failing tag aside, says so through ``say`` and tries the previous one.
+    Finally rank 0 tells every rank the step it chose, so no rank decides from a file system it may see
+    later than rank 0. An explicit ``checkpoint.resume`` tag that fails is refused on every rank.
     """
     import torch.distributed as dist
 
-    chosen: CheckpointInfo | None = None
-    refusal: SpecError | None = None
-    if rank == 0:
-        try:
-            chosen = integrity.choose_resume(Path(run_dir), section.resume, section.verify, say)
-        except SpecError as exc:
-            refusal = exc
     if not dist.is_initialized():
-        if refusal is not None:
-            raise refusal
-        return chosen
-    # [refused?, chosen step or -1] from rank 0; the others add zeros.
-    decision = torch.tensor([0, 0], dtype=torch.int64, device=device or "cpu")
+        return integrity.choose_resume(Path(run_dir), section.resume, section.verify, say)
+    world = dist.get_world_size()
+
+    def tell(command: int = 0, step: int = 0) -> tuple[int, int]:
+        message = torch.tensor([command, step], dtype=torch.int64, device=device or "cpu")
+        dist.broadcast(message, src=0)
+        return int(message[0]), int(message[1])
+
+    def tag_path(step: int) -> Path:
+        return Path(section.resume) if section.resume != "auto" else checkpoints_dir(run_dir) / tag_for(step)
+
+    def verify_together(tag_dir: Path, mode: str) -> list[integrity.Problem]:
+        mine = integrity.verify_tag(tag_dir, mode, share=(rank, world))
+        every: list[Any] = [None] * world
+        dist.all_gather_object(every, mine)
+        return sorted({p for problems in every for p in problems}, key=lambda p: p.file)
+
     if rank == 0:
-        decision[0] = int(refusal is not None)
-        decision[1] = -1 if chosen is None else chosen.step
-    dist.all_reduce(decision)
-    if int(decision[0]):
-        raise refusal or SpecError("checkpoint.resume", section.resume, "see rank 0's message",
-                                   reason="the checkpoint failed verification")  # fmt: skip
-    step = int(decision[1])
-    if step < 0:
-        return None
-    path = Path(section.resume) if section.resume != "auto" else checkpoints_dir(run_dir) / tag_for(step)
-    return CheckpointInfo(path, path.name, step)
+
+        def verify(tag_dir: Path, mode: str) -> list[integrity.Problem]:
+            tell(_VERIFY, int(TAG_RE.match(tag_dir.name).group(1)))
+            return verify_together(tag_dir, mode)
+
+        try:
+            chosen = integrity.choose_resume(Path(run_dir), section.resume, section.verify, say, verify)
+        except BaseException as exc:
+            tell(_REFUSED if isinstance(exc, SpecError) else _FAILED)
+            raise
+        tell(_CHOSEN, -1 if chosen is None else chosen.step)
+        return chosen
+    while True:
+        command, step = tell()
+        if command == _VERIFY:
+            verify_together(tag_path(step), section.verify)
+        elif command == _CHOSEN:
+            return None if step < 0 else CheckpointInfo(tag_path(step), tag_path(step).name, step)
+        elif command == _REFUSED:
+            raise SpecError("checkpoint.resume", section.resume, "see rank 0's message",
+                            reason="rank 0 refused the checkpoint")  # fmt: skip
+        else:
+            raise RuntimeError("rank 0 could not choose a checkpoint to resume from (see its log)")
 
 
 def load(engine, ckpt: CheckpointInfo, rank: int, load_optimizer: bool = True) -> dict[str, Any]:

@@ -11,9 +11,9 @@ A tag directory is trusted only by its marker, which rank 0 writes after every r
                       "files": {"mp_rank_00_model_states.pt": {"size": 1234, "checksum": "9f…", "rank": 0},
                                 "harness/rank-00001.pt": {...}, ...}}
 
-Every rank checksums the files it wrote right after writing them (the bytes are still in the page
-cache) and leaves a small manifest beside its ``harness/rank-N.pt``; rank 0 merges the manifests into
-the marker. Resume checks sizes always and checksums when ``checkpoint.verify: checksum``; a tag that
+Every rank checksums the files it writes as it writes them (:mod:`harness.train.checkpoint_writes`)
+and leaves a small manifest beside its ``harness/rank-N.pt``; rank 0 merges the manifests into the
+marker. Resume checks sizes always and checksums when ``checkpoint.verify: checksum``; a tag that
 fails is renamed ``<tag>.corrupt-<time>`` (kept for inspection; resume and rotation no longer see it)
 and resume falls back to the previous complete tag. No torch here: the CLI checks before launch.
 """
@@ -177,7 +177,8 @@ class HashingWriter:
         return self._digest.hexdigest()
 
 
-def _can_compute(algorithm: str | None) -> bool:
+def can_compute(algorithm: str | None) -> bool:
+    """True when this process can compute checksums of ``algorithm`` (xxh3 needs xxhash)."""
     if algorithm == "crc32":
         return True
     return algorithm == "xxh3_64" and checksum_algorithm() == "xxh3_64"
@@ -275,9 +276,11 @@ class Problem:
         return f"{self.file}: {self.what} expected {self.expected}, found {self.found}"
 
 
-def verify_tag(tag_dir: Path, mode: str = "checksum") -> list[Problem]:
+def verify_tag(tag_dir: Path, mode: str = "checksum", share: tuple[int, int] | None = None) -> list[Problem]:
     """Differences between a tag's files and its marker ([] when intact). ``mode`` is ``size`` or
-    ``checksum`` (sizes first; checksums only of files whose size is right)."""
+    ``checksum`` (sizes first; checksums only of files whose size is right). ``share=(rank, world)``
+    checks only the files whose writer's rank is ``rank`` modulo ``world`` (ranks verify in parallel,
+    each mostly what it wrote itself)."""
     tag_dir = Path(tag_dir)
     try:
         marker = read_marker(tag_dir)
@@ -289,6 +292,8 @@ def verify_tag(tag_dir: Path, mode: str = "checksum") -> list[Problem]:
     algorithm = marker.get("checksum") if mode == "checksum" else None
     problems = []
     for name, record in files.items():
+        if share is not None and int(record.get("rank", 0)) % share[1] != share[0]:
+            continue
         path = tag_dir / name
         expected_size = int(record["size"])
         if not path.is_file():
@@ -297,7 +302,7 @@ def verify_tag(tag_dir: Path, mode: str = "checksum") -> list[Problem]:
         size = path.stat().st_size
         if size != expected_size:
             problems.append(Problem(name, "size", f"{expected_size:,} bytes", f"{size:,} bytes"))
-        elif algorithm and "checksum" in record and _can_compute(algorithm):
+        elif algorithm and "checksum" in record and can_compute(algorithm):
             found = file_checksum(path, algorithm)
             if found != record["checksum"]:
                 problems.append(Problem(name, algorithm, record["checksum"], found))
@@ -325,24 +330,28 @@ def set_aside(tag_dir: Path) -> Path:
 
 
 def choose_resume(
-    run_dir: Path, resume: str, mode: str, say: Callable[[str], None] | None = None
+    run_dir: Path,
+    resume: str,
+    mode: str,
+    say: Callable[[str], None] | None = None,
+    verify: Callable[[Path, str], list[Problem]] = verify_tag,
 ) -> CheckpointInfo | None:
-    """:func:`find_resume`, verified: with ``auto``, a tag that fails is set aside and the previous
-    complete one tried, each step said through ``say`` (one line each). An explicit tag that fails is
-    refused (SpecError naming the file): the user asked for that one."""
+    """:func:`find_resume`, verified (by ``verify``): with ``auto``, a tag that fails is set aside and the
+    previous complete one tried, each step said through ``say`` (one line each). An explicit tag that
+    fails is refused (SpecError naming the file): the user asked for that one."""
     say = say or (lambda _line: None)
     chosen = find_resume(run_dir, resume)
     if chosen is None:
         return None
     if resume != "auto":
-        problems = verify_tag(chosen.path, mode)
+        problems = verify(chosen.path, mode)
         if problems:
             raise SpecError("checkpoint.resume", resume, "resume from another checkpoint (resume: auto "
                             "picks the newest intact one)", reason=describe_problems(problems))  # fmt: skip
         return chosen
     failed = False
     for info in reversed(complete_checkpoints(run_dir)):
-        problems = verify_tag(info.path, mode)
+        problems = verify(info.path, mode)
         if not problems:
             if failed:
                 say(f"resuming from {info.tag} instead (the previous complete checkpoint)")
@@ -373,51 +382,6 @@ def require_intact(tag_dir: Path, mode: str = "checksum") -> None:
             "use another checkpoint (`harness checkpoint verify RUN_DIR` lists them)",
             reason=f"failed verification: {describe_problems(problems)}",
         )
-
-
-def cmd_verify(args) -> int:
-    """``harness checkpoint verify RUN_OR_TAG [--size-only]``: OK or the failures per tag; 0 if all OK."""
-    source = Path(args.source)
-    mode = "size" if args.size_only else "checksum"
-    if TAG_RE.match(source.name) and source.is_dir():
-        tags = [source]
-    elif checkpoints_dir(source).is_dir():
-        tags = sorted(p for p in checkpoints_dir(source).iterdir() if p.is_dir())
-    else:
-        fix = "give a run directory or a checkpoint tag directory (…/checkpoints/step-NNNNNNNN)"
-        raise SpecError("RUN_DIR_OR_CHECKPOINT", str(source), fix, reason="no checkpoints there")
-    num_ok = num_bad = 0
-    for tag_dir in tags:
-        if not TAG_RE.match(tag_dir.name):
-            if SET_ASIDE in tag_dir.name:
-                print(f"{tag_dir.name}: set aside after failing verification (resume ignores it)")
-            continue
-        if not is_complete(tag_dir):
-            print(f"{tag_dir.name}: incomplete (no {MARKER} marker; resume ignores it)")
-            num_bad += source == tag_dir
-            continue
-        problems = verify_tag(tag_dir, mode)
-        if problems:
-            num_bad += 1
-            print(f"{tag_dir.name}: FAILED: " + describe_problems(problems, limit=len(problems)))
-        else:
-            num_ok += 1
-            print(f"{tag_dir.name}: OK ({_what_was_checked(tag_dir, mode)})")
-    if num_ok + num_bad == 0:
-        print(f"no complete checkpoint in {source}")
-        return 1
-    return 1 if num_bad else 0
-
-
-def _what_was_checked(tag_dir: Path, mode: str) -> str:
-    marker = read_marker(tag_dir)
-    files = marker.get("files")
-    if not isinstance(files, dict):
-        return "written before checkpoints listed their files: nothing to compare"
-    checked = "sizes"
-    if mode == "checksum" and marker.get("checksum") and _can_compute(marker["checksum"]):
-        checked += f" and {marker['checksum']} checksums"
-    return f"{len(files)} files, {human_bytes(marker.get('total_bytes', 0))}, {checked}"
 
 
 def human_bytes(num_bytes: int) -> str:
