@@ -151,6 +151,24 @@ def test_with_every_heartbeat_alive_the_rank_furthest_behind_is_blamed():
     )
 
 
+def test_a_rank_stopped_early_is_blamed_though_its_last_heartbeat_claims_the_start_up_floor():
+    """Seen in the chaos test: rank 1 was stopped before its heartbeat left start-up, so its record
+    still allows 20 minutes; rank 0 times out waiting at step 4. The silent rank is the cause."""
+    views = views_of(rec(1, step=0, phase="startup", allowance=1200.0), changed_at=0.0)
+    views[0] = RankView(rec(0, step=4, phase="optimizer", idle=21.0), 24.0, confirmed=True)
+    stall = decide(views, now=25.0)
+    assert stall is not None and stall.ranks == [1]
+
+
+def test_no_stall_while_the_rank_behind_is_within_its_own_allowance():
+    """Rank 1 saves (a long allowance) and keeps beating; rank 0 is over its step allowance waiting."""
+    views = {
+        0: RankView(rec(0, step=6, phase="forward", idle=40.0), 25.0, confirmed=True),
+        1: RankView(rec(1, step=5, phase="save", idle=40.0, allowance=1800.0), 25.0, confirmed=True),
+    }
+    assert decide(views, now=25.5) is None
+
+
 def test_ranks_at_the_same_point_are_all_named():
     views = {r: RankView(rec(r, phase="sync", idle=30.0), 10.0, confirmed=True) for r in (0, 1)}
     stall = decide(views, now=11.0)

@@ -221,8 +221,8 @@ def find_stall(
     ``world_size``: the ranks expected (0: none, so none is reported missing).
     A stall starts when a rank has gone longer than its allowance without progress, or when a rank has
     shown no heartbeat of this launch for ``startup_allowance`` since ``watched_since``. Blamed: ranks
-    with no heartbeat, or whose heartbeat went silent, or that failed; else the ranks over their
-    allowance that are furthest behind.
+    with no heartbeat, or whose heartbeat went silent, or that failed; else the ranks furthest behind,
+    once they are over their own allowance.
     """
     live = {r: v for r, v in views.items() if v.confirmed and v.record.get("phase") not in FINISHED}
     over = [r for r, v in live.items() if v.idle_s(now) > float(v.record.get("allowance_s", 0.0))]
@@ -232,12 +232,18 @@ def find_stall(
     if not over and not missing:
         return None
     failed = [r for r, v in views.items() if v.confirmed and v.record.get("phase") == "failed"]
-    silent = [r for r in over if live[r].silent_s(now) > silent_after]
+    # A silent rank is blamed whatever its allowance: a rank stopped during start-up left a heartbeat
+    # that still claims the start-up floor while the others time out waiting for it.
+    silent = [r for r in live if live[r].silent_s(now) > silent_after]
     if missing or silent or failed:
         blamed = sorted(set(missing) | set(silent) | set(failed))
     else:
-        behind = min(live[r].position() for r in over)
+        # The others wait for the rank furthest behind: a stall only once that rank is over its own
+        # allowance (a long save or evaluation there is no stall, however long its peers wait).
+        behind = min(v.position() for v in live.values())
         blamed = sorted(r for r in over if live[r].position() == behind)
+        if not blamed:
+            return None
     culprits = []
     for r in blamed:
         view = views.get(r)
