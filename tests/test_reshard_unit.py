@@ -209,6 +209,33 @@ def test_plan_resume_of_unpartitioned_states_needs_no_conversion(tmp_path):
     assert out.deepspeed == {} and (out.batch.micro_batch_size, out.batch.grad_accum) == (4, 2)
 
 
+def test_a_tag_to_convert_is_checksummed_first_and_a_corrupt_one_set_aside(tmp_path):
+    """Before a reshard the CLI checks the tag's checksums (the ranks would otherwise fall back from the
+    planned tag to an older one after it was planned on); a corrupt newest tag gives way to the previous."""
+    from harness.train import integrity
+
+    spec_path, run_dir = h.write_spec(tmp_path, "rs", zero_stage=0, ranks=2)
+    record = {"world_size": 2, "data_parallel_size": 2, "pipeline_stages": 1, "tensor_parallel": 1,
+              "zero_stage": 0, "micro_batch_size": 4, "grad_accum": 1}  # fmt: skip
+    algorithm = integrity.checksum_algorithm()
+    for step in (3, 5):
+        tag = run_dir / "checkpoints" / integrity.tag_for(step)
+        (tag / "harness").mkdir(parents=True)
+        weights = tag / "mp_rank_00_model_states.pt"
+        weights.write_bytes(bytes(range(256)) * 4)
+        files = integrity.file_records(tag, [weights], 0, algorithm)
+        marker = integrity.build_marker(step, 2, record, files, algorithm)
+        (tag / "COMPLETE").write_text(json.dumps(marker))
+    newest = run_dir / "checkpoints" / integrity.tag_for(5) / "mp_rank_00_model_states.pt"
+    newest.write_bytes(bytes(reversed(range(256))) * 4)  # same size, other bytes
+    said: list[str] = []
+    out = reshard.plan_resume(load_spec(spec_path), 1, say=said.append)
+    assert (out.batch.micro_batch_size, out.batch.grad_accum) == (4, 2)
+    assert any("step-00000005 failed verification" in line for line in said), said
+    assert "checkpoint step-00000003 was written by" in " ".join(said), said
+    assert [c.step for c in integrity.complete_checkpoints(run_dir)] == [3]
+
+
 def test_refused_resume_exits_2_before_launch_and_writes_nothing(tmp_path):
     spec_path, run_dir = _run_with_tag(tmp_path, partitioned=True)
     before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}

@@ -189,7 +189,10 @@ def plan_resume(spec, world_size: int, *, dry_run: bool = False, say=None):
     run_dir = RunDir.of(spec)
     if spec.checkpoint.resume == "auto" and not any(run_dir.checkpoints.glob("*/COMPLETE")):
         return spec  # nothing to resume: keep torch out of a fresh start
-    ckpt = integrity.find_resume(run_dir.root, spec.checkpoint.resume)
+    if dry_run:
+        ckpt = integrity.find_resume(run_dir.root, spec.checkpoint.resume)
+    else:  # sizes now (cheap); a truncated tag is set aside before its layout is planned on
+        ckpt = integrity.choose_resume(run_dir.root, spec.checkpoint.resume, "size", say)
     if ckpt is None:
         return spec
     old = checkpoint_layout(ckpt.path)
@@ -197,6 +200,12 @@ def plan_resume(spec, world_size: int, *, dry_run: bool = False, say=None):
     same = ("data_parallel", "pipeline_stages", "tensor_parallel", "zero_stage")
     if all(getattr(old, name) == getattr(new, name) for name in same):
         return spec  # the usual resume (a changed batch split alone is the sampler's to refuse)
+    if not dry_run and spec.checkpoint.verify == "checksum" and not is_converted(ckpt.path):
+        # The conversion reads every file anyway: check them first, so the ranks never fall back from
+        # a converted tag to an older one of yet another layout.
+        verified = integrity.choose_resume(run_dir.root, spec.checkpoint.resume, "checksum", say)
+        if verified is None or verified.path != ckpt.path:
+            return plan_resume(spec, world_size, dry_run=dry_run, say=say)
     b = resolved.batch
     explicit = (
         b.global_batch_tokens // resolved.data.seq_len if b.global_batch_tokens else b.global_batch_size
