@@ -53,6 +53,21 @@ def test_the_cause_is_named_before_the_peers_that_failed_in_a_collective(tmp_pat
     assert first_failure(_records(tmp_path / "ok", r0={"state": "complete", "exit_code": 0}), 1) is None
 
 
+def test_an_explained_failure_is_one_summary_without_the_log_tail(tmp_path, capsys):
+    """A failed checkpoint save says everything in its line (sizes, what to do): no log tail."""
+    from harness.launch.supervise import report_failure
+
+    message = "CheckpointError: checkpoint step-00000004 could not be saved (...). Fix: free space there"
+    for explained in (True, False):
+        run = _records(tmp_path / str(explained), r0={"state": "failed", "error": message, "exit_code": 1,
+                                                      "failed_at": time.time(), "explained": explained})  # fmt: skip
+        run.rank_log(0).write_text("Traceback (most recent call last):\n  boom\n" + message + "\n")
+        assert report_failure(run, 1, since=0.0) == 1
+        err = capsys.readouterr().err
+        assert f"rank 0 on host h failed (exit code 1): {message}" in err
+        assert ("Traceback" in err) is (not explained), err
+
+
 def test_collective_errors_are_recognised():
     assert is_collective_error(
         RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error")

@@ -107,6 +107,8 @@ class Failure:
     """A SpecError (a fix in the spec, not a crash): the CLI prints it as ``harness: error:`` and exits 2."""
     num_others: int
     """How many other ranks failed after it (in collectives, or killed when the launcher ended them)."""
+    explained: bool = False
+    """Its error line is the whole story (a failed checkpoint save): no log tail is shown."""
 
     def headline(self) -> str:
         """One line: which rank, where, and how it ended."""
@@ -159,4 +161,5 @@ def first_failure(run_dir: RunDir, world_size: int, since: float = 0.0) -> Failu
         error=record.get("error"),
         user_error=record.get("state") == "user_error",
         num_others=len(failed) - 1,
+        explained=bool(record.get("explained")),
     )

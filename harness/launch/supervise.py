@@ -133,7 +133,8 @@ def report_failure(run_dir: RunDir, world_size: int, since: float) -> int | None
         print(f"harness: error: {failure.error}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
     write_status(run_dir, "failed", step, **failure.facts())
-    if failure.signal != "SIGKILL":  # a SIGKILLed rank's log ends mid-step: nothing to explain
+    # A SIGKILLed rank's log ends mid-step, and an explained error (a failed save) is complete in itself.
+    if failure.signal != "SIGKILL" and not failure.explained:
         lines = tail_lines(failure.log, FAILURE_TAIL_LINES)
         if lines:
             say(f"last {len(lines)} lines of rank {failure.rank}'s log:")

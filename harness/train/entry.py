@@ -67,6 +67,7 @@ def _rank(run_dir: RunDir, rank: int) -> int:
     from harness.launch.failures import is_collective_error, last_line, new_record, update_record
     from harness.rundir import write_status
     from harness.specload import load_spec
+    from harness.train.integrity import CheckpointError
 
     spec, load_error = None, None
     try:
@@ -102,8 +103,9 @@ def _rank(run_dir: RunDir, rank: int) -> int:
     except Exception as exc:
         print_exception(exc)  # into the rank log
         error = last_line(exc)
+        # A CheckpointError's one line says it all (sizes, what to do): no log tail on the console.
         update_record(record, state="failed", error=error, collective=is_collective_error(exc),
-                      failed_at=time.time())  # fmt: skip
+                      explained=isinstance(exc, CheckpointError), failed_at=time.time())  # fmt: skip
         if rank == 0:  # harness train replaces it with the first failing rank's facts
             write_status(run_dir, "failed", -1, rank=rank, host=socket.gethostname(), error=error)
         if slurm:  # no harness train to summarise: this rank's last log lines go to the job's output
