@@ -56,6 +56,9 @@ def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "")
     if sl.cpus_per_task is not None:
         # srun (22.05+) does not inherit --cpus-per-task from the allocation.
         srun.append(f"--cpus-per-task={sl.cpus_per_task}")
+    if sl.min_nodes is not None:
+        # The allocation carries no task count (see _directives): one task per GPU on every node it got.
+        srun += [f"--ntasks-per-node={ls.gpus_per_node}", '--ntasks="$num_tasks"']
     srun_line = " ".join(srun) + f' "$python" -u -m {ENTRY_MODULE} --run-dir "$run_dir" &'
     head = f"# Rendered by `harness slurm{' ' + shlex.quote(source) if source else ''}`"
     lines = [
@@ -75,6 +78,7 @@ def render_sbatch(spec: RunSpec, *, run_dir: str, python: str, source: str = "")
         requeue=_REQUEUE if sl.requeue else _NO_REQUEUE,
         requeue_stalled=_REQUEUE_STALLED if sl.requeue else _NO_REQUEUE_STALLED,
         status=STATUS_IN_SCRIPT,
+        replan="" if sl.min_nodes is None else _REPLAN.format(gpus_per_node=ls.gpus_per_node),
     )
     return "\n".join(lines) + "\n" + body
 
@@ -103,9 +107,18 @@ def _directives(spec: RunSpec, run_dir: str) -> list[tuple[str, str]]:
         value = getattr(sl, field)
         if value is not None:
             directive(comment, flag, value)
-    directive("Machines (launch.nodes).", "--nodes", ls.nodes)
-    directive("One task per GPU: srun starts launch.gpus_per_node ranks on every machine.", "--ntasks-per-node",
-              ls.gpus_per_node)  # fmt: skip
+    if sl.min_nodes is None:
+        directive("Machines (launch.nodes).", "--nodes", ls.nodes)
+        directive("One task per GPU: srun starts launch.gpus_per_node ranks on every machine.",
+                  "--ntasks-per-node", ls.gpus_per_node)  # fmt: skip
+    else:
+        directive("Machines: as many as are free, at least launch.slurm.min_nodes, at most launch.nodes.",
+                  "--nodes", f"{sl.min_nodes}-{ls.nodes}")  # fmt: skip
+        # No --ntasks-per-node: sbatch turns it into ntasks = min_nodes × tasks per node, and select/cons_tres
+        # never gives a job more nodes than tasks (choose_nodes), so every attempt would get min_nodes.
+        cores = ls.gpus_per_node * (sl.cpus_per_task or 1)
+        directive("CPU cores on every machine for its launch.gpus_per_node ranks (srun starts one per GPU).",
+                  "--mincpus", cores)  # fmt: skip
     if sl.gres_gpus:
         directive("GPUs per machine, one per task (launch.slurm.gres_gpus: false on CPU-only nodes).",
                   "--gpus-per-node", ls.gpus_per_node)  # fmt: skip
@@ -157,7 +170,7 @@ unset RANK LOCAL_RANK WORLD_SIZE LOCAL_WORLD_SIZE HARNESS_ENV_FILE "${{!OMPI_COM
 export MASTER_PORT={master_port}
 echo "harness: job ${{SLURM_JOB_ID}} attempt ${{SLURM_RESTART_COUNT:-0}} on ${{SLURM_JOB_NODELIST}};" \\
   "rendezvous ${{MASTER_ADDR}}:${{MASTER_PORT}}"
-
+{replan}
 # status.json is rank 0's last word on this attempt; a stale one must not pass for it.
 rm -f -- "{status}"
 
@@ -220,6 +233,20 @@ case "$state" in
     exit "$rc"
     ;;
 esac
+"""
+
+_REPLAN = """
+# launch.slurm.min_nodes: this attempt may have fewer nodes than the one that wrote the run directory (a
+# node failed) or more. Re-plan it for the nodes Slurm gave: same global batch (micro batch x
+# accumulation re-solved), the newest checkpoint converted when the data-parallel size changed, the
+# planner's memory check. A world that cannot continue the run ends the job here, without a requeue.
+num_tasks=$((SLURM_JOB_NUM_NODES * {gpus_per_node}))
+replan_rc=0
+"$python" -m harness.launch.replan --run-dir "$run_dir" --nodes "$SLURM_JOB_NUM_NODES" || replan_rc=$?
+if ((replan_rc != 0)); then
+  echo "harness: the run cannot continue on ${{SLURM_JOB_NUM_NODES}} node(s) (see above); not requeueing" >&2
+  exit "$replan_rc"
+fi
 """
 
 _REQUEUE = """\

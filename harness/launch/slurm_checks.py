@@ -103,6 +103,12 @@ def _value_problems(spec: RunSpec, *, run_dir: str, python: str | None, source: 
             SpecError("launch.slurm.preempt_signal_grace_s", sl.preempt_signal_grace_s,
                       "use 1..65535 seconds (long enough to finish a step and save a checkpoint)")
         )  # fmt: skip
+    if sl.min_nodes is not None and not 1 <= sl.min_nodes <= ls.nodes:
+        errors.append(
+            SpecError("launch.slurm.min_nodes", sl.min_nodes,
+                      f"use 1..{ls.nodes} (launch.nodes, the most the job asks for), or leave it out to run on "
+                      "exactly launch.nodes", reason="the job asks Slurm for --nodes=min_nodes-launch.nodes")
+        )  # fmt: skip
     if sl.job_name is not None:
         values.append(("run.name", spec.run.name))  # it still appears in the header comment
     if source:
