@@ -160,6 +160,17 @@ def test_a_rank_stopped_early_is_blamed_though_its_last_heartbeat_claims_the_sta
     assert stall is not None and stall.ranks == [1]
 
 
+def test_a_heartbeat_with_this_launchs_token_counts_at_once():
+    """A rank stopped right after the rendezvous has beaten once with the launch token: its heartbeat is
+    this launch's although the watcher never saw it change; one without the token must change first."""
+    views: dict = {}
+    observe(views, 1, {**rec(1), "launch": "abc"}, now=0.0, launch="abc")
+    observe(views, 2, {**rec(2), "launch": "old"}, now=0.0, launch="abc")
+    assert views[1].confirmed and not views[2].confirmed
+    observe(views, 2, {**rec(2), "launch": "abc"}, now=1.0, launch="abc")
+    assert views[2].confirmed
+
+
 def test_no_stall_while_the_rank_behind_is_within_its_own_allowance():
     """Rank 1 saves (a long allowance) and keeps beating; rank 0 is over its step allowance waiting."""
     views = {

@@ -134,6 +134,7 @@ def _train(spec: RunSpec, run_dir: RunDir, console: RankConsole) -> str:
 
     try:
         deepspeed.init_distributed(**stall.init_kwargs(spec.train.stall_timeout))
+        watchdog.join_launch()
         _quiet_libraries(dist.get_rank())
         from harness.train.loop import train
 

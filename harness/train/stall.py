@@ -130,6 +130,7 @@ class Watchdog:
         self.silent_after_s = silent_after_s(self.interval_s)
         self.views: dict[int, RankView] = {}
         self._beat = 0
+        self._write_lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="harness-watchdog", daemon=True)
         self._stacks = None
@@ -174,6 +175,22 @@ class Watchdog:
             self._write_heartbeat()
         faulthandler.unregister(signal.SIGUSR2)
 
+    def join_launch(self) -> None:
+        """After the rendezvous (every rank, once): agree on a token naming this launch (rank 0's, sent
+        over a gloo group, which works whatever the training backend) and write a heartbeat carrying it,
+        so the watchers tell this launch's heartbeats from an earlier launch's at once."""
+        import uuid
+
+        import torch.distributed as dist
+
+        if not self.enabled or not dist.is_initialized():
+            return
+        group = dist.new_group(backend="gloo")
+        box = [uuid.uuid4().hex if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0, group=group)
+        self.progress.launch = box[0]
+        self._write_heartbeat()
+
     # ------------------------------------------------------------------------------- the thread
 
     def _run(self) -> None:
@@ -203,22 +220,25 @@ class Watchdog:
             self._end_run(stall)
 
     def _write_heartbeat(self) -> None:
-        self._beat += 1
-        record = heartbeat_record(self.progress, rank=self.rank, host=self.host, pid=self.pid, beat=self._beat,
-                                  stall_timeout=self.stall_timeout, now_mono=time.monotonic(),
-                                  now_wall=time.time())  # fmt: skip
-        write_atomic(self.path(self.rank), json.dumps(record) + "\n")
+        with self._write_lock:  # the thread and join_launch (training thread) share one temp file
+            self._beat += 1
+            record = heartbeat_record(self.progress, rank=self.rank, host=self.host, pid=self.pid,
+                                      beat=self._beat, stall_timeout=self.stall_timeout,
+                                      now_mono=time.monotonic(), now_wall=time.time())  # fmt: skip
+            write_atomic(self.path(self.rank), json.dumps(record) + "\n")
 
     def _watch(self, now: float, *, trusted: bool = False) -> Stall | None:
         for r in range(self.world_size):
-            observe(self.views, r, _read_json(self.path(r)), now, trusted=trusted)
+            observe(
+                self.views, r, _read_json(self.path(r)), now, trusted=trusted, launch=self.progress.launch
+            )
         return find_stall(self.views, 0 if trusted else self.world_size, now, watched_since=self._started,
                           silent_after=self.silent_after_s, startup_allowance=self._startup_allowance())  # fmt: skip
 
     def _rank0_frozen(self, now: float) -> bool:
         """The last rank's check: rank 0's heartbeat went silent past its allowance (so rank 0 cannot
         report), or never came."""
-        observe(self.views, 0, _read_json(self.path(0)), now)
+        observe(self.views, 0, _read_json(self.path(0)), now, launch=self.progress.launch)
         view = self.views.get(0)
         if view is None or not view.confirmed:
             return now - self._started > self._startup_allowance()

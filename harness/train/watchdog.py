@@ -98,9 +98,11 @@ def collective_timeout_s(stall_timeout: int | str) -> float | None:
 class Progress:
     """One rank's progress in memory; the training thread marks it, the heartbeat thread reads it."""
 
-    __slots__ = ("step", "micro", "phase", "last", "_step_started", "step_times_s")
+    __slots__ = ("step", "micro", "phase", "last", "_step_started", "step_times_s", "launch")
 
     def __init__(self) -> None:
+        self.launch: str | None = None
+        """A token every rank of this launch shares once the rendezvous is done (see ``stall.join_launch``)."""
         self.step = 0
         self.micro = 0
         self.phase = "startup"
@@ -158,6 +160,7 @@ def heartbeat_record(
         "allowance_s": allowance_s(phase, stall_timeout, progress.step_times()),
         "last_progress": round(now_wall - idle, 3),
         "written_at": round(now_wall, 3),
+        "launch": progress.launch,
     }
 
 
@@ -185,17 +188,22 @@ class RankView:
 
 
 def observe(
-    views: dict[int, RankView], rank: int, record: dict[str, Any] | None, now: float, trusted: bool = False
-) -> None:
+    views: dict[int, RankView], rank: int, record: dict[str, Any] | None, now: float, trusted: bool = False,
+    launch: str | None = None,
+) -> None:  # fmt: skip
     """Update ``views`` with ``rank``'s heartbeat as read at ``now`` (None: no file). A heartbeat counts as
-    this launch's once it changes, or at once when ``trusted``."""
+    this launch's when it carries this launch's token (``launch``), once it changes, or at once when
+    ``trusted``: a rank stopped right after the rendezvous has beaten once with the token, not twice."""
     if record is None:
         return
+    ours = trusted or (launch is not None and record.get("launch") == launch)
     old = views.get(rank)
     if old is None:
-        views[rank] = RankView(record, now, confirmed=trusted)
+        views[rank] = RankView(record, now, confirmed=ours)
     elif record.get("beat") != old.record.get("beat") or record.get("pid") != old.record.get("pid"):
         views[rank] = RankView(record, now, confirmed=True)
+    elif ours and not old.confirmed:
+        old.confirmed = True
 
 
 @dataclass
