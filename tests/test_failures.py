@@ -68,6 +68,15 @@ def test_an_explained_failure_is_one_summary_without_the_log_tail(tmp_path, caps
         assert ("Traceback" in err) is (not explained), err
 
 
+def test_a_rank_that_raised_is_named_by_its_error_even_if_the_launcher_then_killed_it(tmp_path):
+    """Seen in CI rehearsal: both ranks raised the same CheckpointError; rank 1 was slower to exit and the
+    launcher's SIGTERM ended it. Its error is the story, not the SIGTERM."""
+    now = time.time()
+    run = _records(tmp_path, r1={"state": "failed", "error": "CheckpointError: no space", "failed_at": now,
+                                 "signal": "SIGTERM", "exit_code": None})  # fmt: skip
+    assert first_failure(run, 2).headline() == "rank 1 on host h failed: CheckpointError: no space"
+
+
 def test_collective_errors_are_recognised():
     assert is_collective_error(
         RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Read error")

@@ -113,11 +113,11 @@ class Failure:
     def headline(self) -> str:
         """One line: which rank, where, and how it ended."""
         where = f"rank {self.rank} on host {self.host}"
-        if self.signal:
-            how = f"was killed by {self.signal}"
-        elif self.error:
+        if self.error:  # it raised first; a signal after that is the launcher ending it
             code = f" (exit code {self.exit_code})" if self.exit_code is not None else ""
             how = f"failed{code}: {self.error}"
+        elif self.signal:
+            how = f"was killed by {self.signal}"
         elif self.exit_code is not None:
             how = f"exited with code {self.exit_code} without a report (it crashed outside Python)"
         else:
