@@ -76,21 +76,6 @@ def complete_steps(run_dir: Path) -> list[int]:
     return [c.step for c in complete_checkpoints(run_dir)]
 
 
-def wait_past(run: Run, step: int, seen: int, timeout_s: float = 600) -> None:
-    """Until this launch (metrics records after the first ``seen``) has logged ``step``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert run.proc.poll() is None, f"harness train ended early ({run.proc.returncode}){run.console}"
-        try:
-            records = read_metrics(run.run_dir) if RunDir(run.run_dir).metrics.exists() else []
-        except ValueError:  # a line being written
-            records = []
-        if any(r.get("step", 0) >= step and "loss" in r for r in records[seen:]):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"no step {step} within {timeout_s} s{run.console}")
-
-
 def metrics_count(run_dir: Path) -> int:
     return len(read_metrics(run_dir)) if RunDir(run_dir).metrics.exists() else 0
 
@@ -161,7 +146,7 @@ def test_ten_faults_then_the_same_model(tmp_path):
         seen = metrics_count(run_dir)
         run = Run(spec, run_dir, f"launch.gpus_per_node={ranks}")
         try:
-            wait_past(run, resume + PROGRESS_STEPS, seen)
+            run.wait_for_step(resume + PROGRESS_STEPS, after=seen)
             victim = rng.randrange(ranks)
             if fault in ("sigterm", "corrupt"):
                 os.kill(run.proc.pid, signal.SIGTERM)

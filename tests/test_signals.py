@@ -57,16 +57,19 @@ class Run:
             self.proc = subprocess.Popen(cmd, cwd=spec_path.parent, stdout=out, stderr=err, env=checkout_env(),
                                          start_new_session=True)  # fmt: skip
 
-    def wait_for_step(self, step: int, timeout_s: float = 600) -> None:
-        """Until metrics.jsonl has a record of ``step`` (the ranks are training)."""
+    def wait_for_step(self, step: int, timeout_s: float = 600, after: int = 0) -> None:
+        """Until metrics.jsonl has a record of ``step`` (the ranks are training) among its records after
+        the first ``after`` (those of earlier launches of the run)."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             assert self.proc.poll() is None, (
                 f"harness train ended early ({self.proc.returncode}){self.console}"
             )
-            if (self.run_dir / "metrics.jsonl").exists() and any(
-                r.get("step", 0) >= step and "loss" in r for r in read_metrics(self.run_dir)
-            ):
+            try:
+                records = read_metrics(self.run_dir) if (self.run_dir / "metrics.jsonl").exists() else []
+            except ValueError:  # a line being written
+                records = []
+            if any(r.get("step", 0) >= step and "loss" in r for r in records[after:]):
                 return
             time.sleep(0.2)
         raise AssertionError(f"no step {step} within {timeout_s} s{self.console}")

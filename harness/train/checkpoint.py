@@ -71,10 +71,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _rank_file(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / "harness" / f"rank-{rank:05d}.pt"
-
-
 def layout_of(engine, step: int, world_size: int) -> dict[str, Any]:
     """The layout a checkpoint was written with, for the marker (None where a stand-in engine lacks it)."""
 
@@ -141,7 +137,7 @@ def save(
         _barrier(dist)  # stands in for DeepSpeed's closing barrier, which this rank skipped
     if error is None:
         try:
-            path = _rank_file(tag_dir, rank)
+            path = integrity.rank_state_file(tag_dir, rank)
             records["_writing"] = path.name
             with atomic_path(path) as tmp:
                 torch.save({"rng": rng_state(), "client": client, "step": step}, tmp)
@@ -274,7 +270,7 @@ def load(engine, ckpt: CheckpointInfo, rank: int, load_optimizer: bool = True) -
     resharded = load_resharded(engine, ckpt, rank, load_optimizer, set_rng_state=set_rng_state)
     if resharded is not None:
         return resharded
-    path = _rank_file(ckpt.path, rank)
+    path = integrity.rank_state_file(ckpt.path, rank)
     if not path.is_file():
         raise SpecError(
             "checkpoint.resume",

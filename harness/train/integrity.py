@@ -195,6 +195,11 @@ def file_records(tag_dir: Path, paths: list[Path], rank: int, algorithm: str | N
     return records
 
 
+def rank_state_file(tag_dir: Path, rank: int) -> Path:
+    """A rank's harness state in a tag (RNG states, data position), written by ``checkpoint.save``."""
+    return Path(tag_dir) / "harness" / f"rank-{rank:05d}.pt"
+
+
 def manifest_path(tag_dir: Path, rank: int) -> Path:
     """Where ``rank`` lists the files it wrote until rank 0 merges them into the marker."""
     return Path(tag_dir) / "harness" / f"rank-{rank:05d}.files.json"

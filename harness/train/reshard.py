@@ -94,7 +94,7 @@ def checkpoint_layout(tag_dir: Path) -> Layout:
             return found
     import torch  # only for markers that predate the layout record
 
-    sampler = torch.load(rank_state_file(tag_dir, 0), weights_only=True)["client"]["sampler"]
+    sampler = torch.load(integrity.rank_state_file(tag_dir, 0), weights_only=True)["client"]["sampler"]
     spec = load_spec(RunDir.of_checkpoint(tag_dir).spec)
     world = int(marker.get("world_size", sampler["dp_size"]))
     p = spec.parallel
@@ -175,7 +175,7 @@ def convert_to_universal(tag_dir: Path, source: Layout | None = None) -> Path:
     return out
 
 
-def plan_resume(spec, world_size: int, *, dry_run: bool = False, say=None):
+def plan_resume(spec, world_size: int, *, dry_run: bool = False, say=None, _verified: Path | None = None):
     """What ``harness train`` launches when ``checkpoint.resume`` finds a checkpoint of another layout.
 
     Returns ``spec`` unchanged when there is nothing to resume or the layout is the same; otherwise a
@@ -200,12 +200,14 @@ def plan_resume(spec, world_size: int, *, dry_run: bool = False, say=None):
     same = ("data_parallel", "pipeline_stages", "tensor_parallel", "zero_stage")
     if all(getattr(old, name) == getattr(new, name) for name in same):
         return spec  # the usual resume (a changed batch split alone is the sampler's to refuse)
-    if not dry_run and spec.checkpoint.verify == "checksum" and not is_converted(ckpt.path):
+    checked = ckpt.path == _verified or spec.checkpoint.verify != "checksum" or is_converted(ckpt.path)
+    if not dry_run and not checked:
         # The conversion reads every file anyway: check them first, so the ranks never fall back from
         # a converted tag to an older one of yet another layout.
         verified = integrity.choose_resume(run_dir.root, spec.checkpoint.resume, "checksum", say)
-        if verified is None or verified.path != ckpt.path:
-            return plan_resume(spec, world_size, dry_run=dry_run, say=say)
+        if verified is None or verified.path != ckpt.path:  # the fallback's layout may differ: plan again
+            return plan_resume(spec, world_size, dry_run=dry_run, say=say,
+                               _verified=verified.path if verified else None)  # fmt: skip
     b = resolved.batch
     explicit = (
         b.global_batch_tokens // resolved.data.seq_len if b.global_batch_tokens else b.global_batch_size
@@ -243,11 +245,6 @@ def _say(message: str) -> None:
 # ---------------------------------------------------------------------------------------------- ranks
 
 
-def rank_state_file(tag_dir: Path, rank: int) -> Path:
-    """A rank's harness state in a tag (written by :func:`harness.train.checkpoint.save`)."""
-    return Path(tag_dir) / "harness" / f"rank-{rank:05d}.pt"
-
-
 def load_resharded(
     engine, ckpt, rank: int, load_optimizer: bool = True, *, set_rng_state=None
 ) -> dict[str, Any] | None:
@@ -265,7 +262,7 @@ def load_resharded(
     from harness.train.engine import data_parallel_coords
     from harness.train.safety import verify_checkpoint_files
 
-    first_file = rank_state_file(ckpt.path, 0)
+    first_file = integrity.rank_state_file(ckpt.path, 0)
     first = torch.load(first_file, weights_only=True)["client"] if first_file.is_file() else {}
     _, dp_size = data_parallel_coords(engine)
     asked = getattr(engine, "load_universal_checkpoint", None)  # absent on test stand-ins
@@ -298,7 +295,7 @@ def load_resharded(
         grad_accum=engine.gradient_accumulation_steps(),
         dp_size=dp_size,
     )
-    own = rank_state_file(ckpt.path, rank)
+    own = integrity.rank_state_file(ckpt.path, rank)
     if own.is_file() and set_rng_state is not None:
         set_rng_state(torch.load(own, weights_only=True)["rng"])
     else:
