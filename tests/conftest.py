@@ -39,15 +39,34 @@ def harness_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "harness", *args]
 
 
+def _mapped_shm_buffers() -> set[str]:
+    """Paths of DeepSpeed all-reduce buffers some live process has mapped (another pytest's launch)."""
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            text = maps.read_text()
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        mapped.update(
+            line.split(maxsplit=5)[-1] for line in text.splitlines() if "deepspeed_allreduce_buffer" in line
+        )
+    return mapped
+
+
 @pytest.fixture(autouse=True)
 def _remove_deepspeed_shm_buffers():
     """DeepSpeed's CPU shared-memory all-reduce leaves /dev/shm/deepspeed_allreduce_buffer_* behind
     (tens of MB per rank and port); over a suite of launches they fill RAM until the OOM killer
-    strikes. Tests run one at a time, so after each test none is in use (and unlinking a mapped
-    file is harmless anyway)."""
+    strikes. After each test the buffers no live process maps are removed; one still mapped belongs
+    to a launch of another pytest on this box (removing it would break that launch's next rendezvous)."""
     yield
-    for leftover in Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"):
-        leftover.unlink(missing_ok=True)
+    leftovers = list(Path("/dev/shm").glob("deepspeed_allreduce_buffer_*"))
+    if not leftovers:
+        return
+    mapped = _mapped_shm_buffers()
+    for leftover in leftovers:
+        if str(leftover) not in mapped:
+            leftover.unlink(missing_ok=True)
 
 
 @pytest.fixture
