@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run or checkpoint to a Hugging Face checkpoint")
     p.add_argument("source", metavar="RUN_DIR_OR_CHECKPOINT")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory")
+    p.add_argument(
+        "--max-shard-size",
+        default="50GB",
+        metavar="SIZE",
+        help="largest safetensors file, e.g. 150MB, 2GB, 1.5GiB (default: 50GB, as save_pretrained); the "
+        "export holds about one shard's worth of the checkpoint in memory at most",
+    )
     p.set_defaults(func=_lazy("harness.train.export", "cmd_export"))
 
     p = sub.add_parser("checkpoint", help="check checkpoints against their COMPLETE markers")

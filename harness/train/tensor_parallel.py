@@ -7,19 +7,21 @@ DeepSpeed shards the HF model inside ``deepspeed.initialize`` when the config ha
   ``mpu``; otherwise the config checks ``train_batch_size`` against the whole world instead of the
   data-parallel part of it and refuses a correct batch triple;
 * its checkpoints hold one shard per tensor-parallel rank (``mp_rank_XX_model_states.pt``);
-  :func:`tensor_parallel_state_dict` joins them back into full HF tensors.
+  :func:`tensor_parallel_tensors` joins them back into full HF tensors, one at a time.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from harness.errors import SpecError
-from harness.train.mp_shards import fp32_master_state_dict, load_model_states, model_parallel_ranks
+from harness.train.export_zero import RELOAD_BYTES, zero_masters
+from harness.train.mp_shards import model_parallel_ranks, model_states_file
 
 
 def tensor_parallel_mpu(tp_size: int):
@@ -34,14 +36,22 @@ def tensor_parallel_mpu(tp_size: int):
     return groups
 
 
-def tensor_parallel_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """fp32 weights in HF key names from an AutoTP checkpoint: every tensor-parallel rank's shard,
-    joined by the layout DeepSpeed records in the checkpoint (its universal-checkpoint affine maps).
+def tensor_parallel_tensors(
+    tag_dir: Path, ds_config: dict[str, Any], budget_bytes: int = RELOAD_BYTES
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """fp32 weights in HF key names from an AutoTP checkpoint, one parameter at a time: every
+    tensor-parallel rank's shard of it, joined by the layout DeepSpeed records in the checkpoint (its
+    universal-checkpoint affine maps). Buffers, which have no layout, are tensor-parallel rank 0's.
 
     The shards are the fp32 master weights of the ZeRO partitions where there are any (bf16, ZeRO 1/2),
-    else the module weights (ZeRO 0 in fp32)."""
+    else the module weights (ZeRO 0 in fp32); every rank's files are memory-mapped."""
     from deepspeed.checkpoint.affine import SCALE_POWER_BY_STATE, ParamAffineMap
-    from deepspeed.checkpoint.constants import AFFINE_MAP, AFFINE_MAP_PARAMS, UNIVERSAL_CHECKPOINT_INFO
+    from deepspeed.checkpoint.constants import (
+        AFFINE_MAP,
+        AFFINE_MAP_PARAMS,
+        BUFFER_NAMES,
+        UNIVERSAL_CHECKPOINT_INFO,
+    )
 
     tag_dir = Path(tag_dir)
     ranks = model_parallel_ranks(tag_dir)
@@ -53,15 +63,16 @@ def tensor_parallel_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict
             "export a complete checkpoint of the run",
             reason=f"expected model states of tensor-parallel ranks 0-{expected - 1}, found {ranks}",
         )
-    shards: list[dict[str, torch.Tensor]] = []
-    layout: dict[str, Any] = {}
-    for rank in ranks:
-        states = load_model_states(tag_dir, rank)
-        layout = layout or states.get(UNIVERSAL_CHECKPOINT_INFO, {}).get(AFFINE_MAP, {}).get(
-            AFFINE_MAP_PARAMS, {}
-        )
-        masters = fp32_master_state_dict(tag_dir, rank)
-        shards.append(masters if masters is not None else {k: v.float() for k, v in states["module"].items()})
+    files = [model_states_file(tag_dir, rank, budget_bytes) for rank in ranks]
+    first = files[0].get()
+    layout = first.get(UNIVERSAL_CHECKPOINT_INFO, {}).get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS, {})
+    buffers = set(first.get(BUFFER_NAMES) or [])
+    masters = [zero_masters(tag_dir, rank, budget_bytes) for rank in ranks]
+    if masters[0] is not None:
+        names = [*(n for n in first["module"] if n in buffers), *masters[0].names()]
+    else:  # a tied parameter's second name is not repeated (DeepSpeed records the layout under the first)
+        names = [n for n, v in first["module"].items() if not _is_alias(n, v, first["module"])]
+    del first
     if not layout:
         raise SpecError(
             "RUN_DIR_OR_CHECKPOINT",
@@ -70,21 +81,36 @@ def tensor_parallel_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict
             reason="the checkpoint records no tensor-parallel layout (universal_checkpoint_info.affine_map)",
         )
     patterns = {re.compile(p): entry for p, entry in layout.items()}
-    state: dict[str, torch.Tensor] = {}
-    for name, first in shards[0].items():
+
+    def shard(rank: int, name: str) -> torch.Tensor:
+        if masters[rank] is not None and name not in buffers:
+            return masters[rank].read(name)
+        value = files[rank].get()["module"][name].float()
+        files[rank].spent(value.numel() * value.element_size())
+        return value
+
+    for name in names:
         entry = [e for p, e in patterns.items() if p.match(name)]
-        if len(entry) == 1:
-            pieces = {rank: shard[name] for rank, shard in enumerate(shards)}
-            state[name] = ParamAffineMap.from_dict(entry[0]).rebuild(pieces, SCALE_POWER_BY_STATE["fp32"])
-        elif not _is_alias(name, first, shards[0]):
+        if name in buffers and not entry:
+            yield name, shard(0, name)
+        elif len(entry) == 1:
+            pieces = {rank: shard(rank, name) for rank in ranks}
+            yield name, ParamAffineMap.from_dict(entry[0]).rebuild(pieces, SCALE_POWER_BY_STATE["fp32"])
+            del pieces
+        else:
             raise RuntimeError(f"{tag_dir}: DeepSpeed recorded no tensor-parallel layout for {name}")
-    return state
+
+
+def tensor_parallel_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """:func:`tensor_parallel_tensors` gathered into one dict (small models and tests)."""
+    return dict(tensor_parallel_tensors(tag_dir, ds_config))
 
 
 def _is_alias(name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> bool:
-    """True for a second name of a tied parameter (DeepSpeed records the layout under the first only);
-    the export re-ties it."""
-    return any(
-        other != name and value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr()
-        for other, value in shard.items()
-    )
+    """True for a second name of a tied parameter (its storage is an earlier name's)."""
+    for other, value in shard.items():
+        if other == name:
+            return False
+        if value.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+            return True
+    return False
