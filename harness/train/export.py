@@ -17,6 +17,9 @@ from its COMPLETE marker (sizes, checksums) is refused, naming the file.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +29,13 @@ from harness.errors import SpecError
 from harness.rundir import RunDir, atomic_path, read_json
 from harness.train import checkpoint, integrity
 from harness.train.export_sources import checkpoint_tensors
-from harness.train.export_writer import DEFAULT_MAX_SHARD_SIZE, Entry, ShardWriter, parse_shard_size
+from harness.train.export_writer import (
+    DEFAULT_MAX_SHARD_SIZE,
+    Entry,
+    FlatPieces,
+    ShardWriter,
+    parse_shard_size,
+)
 from harness.train.export_zero import RELOAD_BYTES
 from harness.train.safety import verify_checkpoint_files
 
@@ -65,7 +74,10 @@ def consolidated_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[st
     """fp32 weights of the whole model from a (possibly sharded) DeepSpeed checkpoint, all in memory
     (tests and small models; the export streams :func:`checkpoint_tensors` instead)."""
     model = meta_model(Path(tag_dir))
-    return {name: value.clone() for name, value in checkpoint_tensors(tag_dir, ds_config, model)}
+    return {
+        name: (value.tensor() if isinstance(value, FlatPieces) else value).clone()
+        for name, value in checkpoint_tensors(tag_dir, ds_config, model)
+    }
 
 
 def meta_model(tag_dir: Path) -> torch.nn.Module:
@@ -108,6 +120,7 @@ def export_checkpoint(
     from harness.specload import load_spec
 
     max_shard_bytes = parse_shard_size(max_shard_size)
+    _import_deepspeed_quietly()
     tag_dir = resolve_checkpoint(Path(tag_dir))
     run_dir = RunDir.of_checkpoint(tag_dir)
     spec = load_spec(run_dir.spec)
@@ -151,6 +164,21 @@ def export_checkpoint(
         finally:
             writer.close()
     return out_dir
+
+
+def _import_deepspeed_quietly() -> None:
+    """Import DeepSpeed without its import-time "Setting accelerator to CPU" warning (on a machine
+    without a GPU it says nothing about an export). Its logger's handler binds the stdout of the moment
+    it is imported: stderr here, so the export's stdout stays its one line."""
+    if "deepspeed" in sys.modules:
+        return
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            import deepspeed  # noqa: F401
+    finally:
+        logging.disable(disabled)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -44,7 +44,7 @@ def checkpoint_tensors(
         return tensor_parallel_tensors(tag_dir, ds_config, budget_bytes)
     masters = zero_masters(tag_dir, 0, budget_bytes)
     if masters is not None:
-        return iter(masters)
+        return iter(masters)  # FlatPieces: views of the partitions, written without a copy
     return _zero0_tensors(tag_dir, model, budget_bytes)
 
 
@@ -57,20 +57,21 @@ def _zero0_tensors(
         Path(tag_dir) / "mp_rank_00_model_states.pt", weights_only=True, budget_bytes=budget_bytes
     )
     states = file.get()
-    module_names = list(states["module"])
+    sizes = {name: v.numel() * v.element_size() for name, v in states["module"].items()}
     flat = (states.get("optimizer") or {}).get("fp32_groups_flat")
     masters = _zero0_master_index(tag_dir, model, [v.numel() for v in flat]) if flat else {}
     covered = {alias for names, _ in masters.values() for alias in names}
     del states, flat
-    for name in module_names:
+    for name, size in sizes.items():
         if name not in covered:
+            file.reserve(size)
             value = file.get()["module"][name]
             yield name, value.float() if value.is_floating_point() else value
-            file.spent(value.numel() * value.element_size())
     for names, (group, offset, shape) in masters.values():
+        file.reserve(4 * math.prod(shape))
         vector = file.get()["optimizer"]["fp32_groups_flat"][group]
         yield names[0], vector[offset : offset + math.prod(shape)].view(shape).float()
-        file.spent(math.prod(shape) * 4)
+    file.release()
 
 
 def _zero0_master_index(

@@ -97,6 +97,20 @@ class Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+@dataclass(frozen=True)
+class FlatPieces:
+    """A tensor given as consecutive 1-D pieces of its data (views of mapped checkpoint files), not
+    joined: the writer writes them one after the other."""
+
+    shape: torch.Size
+    pieces: list[torch.Tensor]
+
+    def tensor(self) -> torch.Tensor:
+        """The pieces as one tensor of ``shape`` (a view when there is one piece, else a copy)."""
+        flat = self.pieces[0] if len(self.pieces) == 1 else torch.cat(self.pieces)
+        return flat.view(self.shape)
+
+
 def plan_shards(entries: Sequence[Entry], max_shard_bytes: int) -> list[list[Entry]]:
     """``entries`` in order, cut into shards of at most ``max_shard_bytes`` (a bigger tensor alone)."""
     shards: list[list[Entry]] = []
@@ -141,14 +155,16 @@ class _Shard:
         self.file: BinaryIO | None = None
         self.header = len(blob).to_bytes(8, "little") + blob
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, pieces: list[torch.Tensor], dtype: torch.dtype) -> None:
         if self.file is None:
             self.file = open(self.path, "wb")  # noqa: SIM115 - closed when its last tensor is in
             self.file.write(self.header)
             self.file.truncate(self.size)
-        if tensor.numel():
-            self.file.seek(self.data_start + self.offsets[name])
-            self.file.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self.file.seek(self.data_start + self.offsets[name])
+        for piece in pieces:
+            if piece.numel():
+                data = piece.to(dtype).contiguous().reshape(-1).view(torch.uint8)
+                self.file.write(data.numpy().data)
         self.pending.discard(name)
         if not self.pending:
             self.close()
@@ -170,7 +186,7 @@ class ShardWriter:
         self.shard_of = {e.name: shard for shard, s in zip(self.shards, shards, strict=True) for e in s}
         self.out_dir = Path(out_dir)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | FlatPieces) -> None:
         """Write one planned tensor (cast to its planned dtype); each name once."""
         entry = self.entries[name]
         shard = self.shard_of[name]
@@ -178,7 +194,10 @@ class ShardWriter:
             raise RuntimeError(f"{name} was given twice")
         if tuple(tensor.shape) != entry.shape:
             raise RuntimeError(f"{name} has shape {tuple(tensor.shape)}, the model's is {entry.shape}")
-        shard.write(name, tensor.to(entry.dtype))
+        pieces = tensor.pieces if isinstance(tensor, FlatPieces) else [tensor]
+        if sum(p.numel() for p in pieces) != math.prod(entry.shape):
+            raise RuntimeError(f"{name}: pieces of {sum(p.numel() for p in pieces)} values for {entry.shape}")
+        shard.write(name, pieces, entry.dtype)
 
     def missing(self) -> list[str]:
         """Planned names not written yet, in plan order."""

@@ -8,7 +8,9 @@ model at once); here the files are memory-mapped and a parameter's slices are co
 so only what one parameter touches is read.
 
 Touched pages of a mapped file count as resident memory of the process for as long as it is mapped,
-so :class:`MappedFile` drops its mapping after every ``budget_bytes`` read and maps again on next use.
+so :class:`MappedFile` drops its mapping before more than ``budget_bytes`` have been read through it and
+maps again on next use. A parameter is handed on as :class:`FlatPieces`, views of the mapped
+partitions, which the shard writer writes piece by piece: no copy of it is made.
 """
 
 from __future__ import annotations
@@ -20,12 +22,15 @@ from typing import Any
 
 import torch
 
+from harness.train.export_writer import FlatPieces
+
 RELOAD_BYTES = 256 * 2**20
 """Default bytes read through a mapping before it is dropped (bounds the file pages held)."""
 
 
 class MappedFile:
-    """A ``torch.load(mmap=True)`` of one file, loaded on use and dropped after ``budget_bytes`` read."""
+    """A ``torch.load(mmap=True)`` of one file, loaded on use, its mapping dropped before the bytes read
+    through it would pass ``budget_bytes`` (so it holds at most the budget, or one bigger tensor)."""
 
     def __init__(self, path: Path, weights_only: bool, budget_bytes: int = RELOAD_BYTES) -> None:
         self.path = Path(path)
@@ -40,12 +45,17 @@ class MappedFile:
             self._state = torch.load(self.path, map_location="cpu", mmap=True, weights_only=self.weights_only)
         return self._state
 
-    def spent(self, num_bytes: int) -> None:
-        """Count ``num_bytes`` read; past the budget, drop the mapping (copies taken from it stay valid)."""
+    def reserve(self, num_bytes: int) -> None:
+        """Say ``num_bytes`` are about to be read; drop the mapping first if they would pass the budget.
+        (Views taken earlier keep their pages until they are dropped too.)"""
+        if self._read + num_bytes > self.budget_bytes:
+            self.release()
         self._read += num_bytes
-        if self._read >= self.budget_bytes:
-            self._state = None
-            self._read = 0
+
+    def release(self) -> None:
+        """Drop the mapping now."""
+        self._state = None
+        self._read = 0
 
 
 def _slices(flats: list[torch.Tensor], start: int, end: int) -> list[torch.Tensor]:
@@ -90,7 +100,8 @@ class ZeroMasters:
         self.shared: dict[str, str] = dict(states.get("shared_params") or {})  # alias -> owner
         groups = [dict(g) for g in states[PARAM_SHAPES]]
         files = sorted(optim_files, key=_data_parallel_rank)
-        self.optim = [MappedFile(p, weights_only=False, budget_bytes=budget_bytes) for p in files]
+        share = max(1, budget_bytes // len(files))  # each file holds about 1/world of every parameter
+        self.optim = [MappedFile(p, weights_only=False, budget_bytes=share) for p in files]
         first = self.optim[0].get()[OPTIMIZER_STATE_DICT]
         self.stage = int(first[ZERO_STAGE])
         count = first[PARTITION_COUNT]
@@ -101,7 +112,7 @@ class ZeroMasters:
         self._optim_key = OPTIMIZER_STATE_DICT
         paddings = first.get("param_alignment_paddings")
         self.index = self._index(groups, world, paddings)
-        self.model.spent(self.model.budget_bytes)  # drop it: buffers are read again only when asked for
+        self.model.release()  # buffers are read again only when asked for
 
     def _index(self, groups: list[dict], world: int, paddings) -> dict[str, tuple[int, int, torch.Size]]:
         """name -> (group, offset, shape): ZeRO 1/2 offsets in the group's full flat vector, ZeRO 3
@@ -129,23 +140,32 @@ class ZeroMasters:
         """The full shape of parameter ``name``."""
         return self.index[name][2]
 
-    def read(self, name: str) -> torch.Tensor:
-        """The whole fp32 parameter ``name`` (a new tensor)."""
+    def pieces(self, name: str) -> FlatPieces:
+        """Parameter ``name`` as the views of the mapped partitions that hold it, in order (no copy)."""
         group, offset, shape = self.index[name]
         numel = math.prod(shape)
-        pieces = []
-        if self.stage == 3:
+        for f in self.optim:
+            f.reserve(4 * numel // len(self.optim))
+        if self.stage == 3:  # each rank holds ceil(numel / world) values, the last one padded
             part = math.ceil(numel / len(self.optim))
+            pieces = []
             for f in self.optim:
                 pieces += _slices(f.get()[self._optim_key][self.key], offset, offset + part)
+            pieces = _slices(pieces, 0, numel)
         else:
             flats = [f.get()[self._optim_key][self.key][group] for f in self.optim]
             pieces = _slices(flats, offset, offset + numel)
-        value = torch.cat(pieces)[:numel].view(shape).float()
-        del pieces
+        return FlatPieces(shape, pieces)
+
+    def read(self, name: str) -> torch.Tensor:
+        """Parameter ``name`` as one fp32 tensor (a view of a mapped file when one partition holds it)."""
+        return self.pieces(name).tensor()
+
+    def release(self) -> None:
+        """Drop every mapping (done reading)."""
+        self.model.release()
         for f in self.optim:
-            f.spent(value.numel() * value.element_size() // len(self.optim))
-        return value
+            f.release()
 
     def buffers(self) -> Iterator[tuple[str, torch.Tensor]]:
         """The module's buffers (floats as fp32), from the model states file."""
@@ -154,13 +174,15 @@ class ZeroMasters:
             if name in module:
                 value = module[name]
                 yield name, value.float() if value.is_floating_point() else value
-        self.model.spent(self.model.budget_bytes)
+        self.model.release()
 
-    def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Buffers, then every parameter in flat order (shared aliases are not repeated)."""
+    def __iter__(self) -> Iterator[tuple[str, torch.Tensor | FlatPieces]]:
+        """Buffers, then every parameter in flat order, as :class:`FlatPieces` (shared aliases are not
+        repeated); the mappings are dropped at the end."""
         yield from self.buffers()
         for name in self.index:
-            yield name, self.read(name)
+            yield name, self.pieces(name)
+        self.release()
 
 
 def _data_parallel_rank(path: Path) -> int:

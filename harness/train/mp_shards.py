@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from harness.errors import SpecError
+from harness.train.export_writer import FlatPieces
 from harness.train.export_zero import RELOAD_BYTES, MappedFile, zero_masters
 
 _MP_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -44,7 +45,7 @@ def fp32_master_state_dict(tag_dir: Path, mp_rank: int) -> dict[str, torch.Tenso
     engine's module used; None when the checkpoint has no ZeRO optimizer partitions for that rank.
     Whole in memory: for small models and tests (the export streams :func:`zero_masters`)."""
     masters = zero_masters(tag_dir, mp_rank)
-    return None if masters is None else {name: masters.read(name) for name in masters.names()}
+    return None if masters is None else {name: masters.read(name).clone() for name in masters.names()}
 
 
 _LAYER_FILE = re.compile(r"^layer_(\d+)-.*model_states\.pt$")
@@ -67,7 +68,9 @@ def _layer_names(tag_dir: Path, path: Path, layer: dict) -> dict[str, str]:
     return extra
 
 
-def pipeline_tensors(tag_dir: Path, budget_bytes: int = RELOAD_BYTES) -> Iterator[tuple[str, torch.Tensor]]:
+def pipeline_tensors(
+    tag_dir: Path, budget_bytes: int = RELOAD_BYTES
+) -> Iterator[tuple[str, torch.Tensor | FlatPieces]]:
     """fp32 weights in HF key names from a pipeline checkpoint, one at a time: the layer files' tensors,
     except those the ZeRO partitions (bf16 / ZeRO 1 runs) hold fp32 masters of, which come from there."""
     tag_dir = Path(tag_dir)
@@ -103,10 +106,16 @@ def pipeline_tensors(tag_dir: Path, budget_bytes: int = RELOAD_BYTES) -> Iterato
                 yield name, value.float()
         del layer
     for _, masters in stages:
-        for key in masters.names() if masters is not None else ():
-            yield hf_name(key), masters.read(key)
+        if masters is not None:
+            for key in masters.names():
+                yield hf_name(key), masters.pieces(key)
+            masters.release()
 
 
 def pipeline_state_dict(tag_dir: Path) -> dict[str, torch.Tensor]:
     """:func:`pipeline_tensors` gathered into one dict (small models and tests)."""
-    return {name: value.clone() for name, value in pipeline_tensors(tag_dir)}
+    return {name: _tensor(value).clone() for name, value in pipeline_tensors(tag_dir)}
+
+
+def _tensor(value: torch.Tensor | FlatPieces) -> torch.Tensor:
+    return value.tensor() if isinstance(value, FlatPieces) else value

@@ -12,6 +12,7 @@ DeepSpeed shards the HF model inside ``deepspeed.initialize`` when the config ha
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from harness.errors import SpecError
+from harness.train.export_writer import FlatPieces
 from harness.train.export_zero import RELOAD_BYTES, zero_masters
 from harness.train.mp_shards import model_parallel_ranks, model_states_file
 
@@ -38,7 +40,7 @@ def tensor_parallel_mpu(tp_size: int):
 
 def tensor_parallel_tensors(
     tag_dir: Path, ds_config: dict[str, Any], budget_bytes: int = RELOAD_BYTES
-) -> Iterator[tuple[str, torch.Tensor]]:
+) -> Iterator[tuple[str, torch.Tensor | FlatPieces]]:
     """fp32 weights in HF key names from an AutoTP checkpoint, one parameter at a time: every
     tensor-parallel rank's shard of it, joined by the layout DeepSpeed records in the checkpoint (its
     universal-checkpoint affine maps). Buffers, which have no layout, are tensor-parallel rank 0's.
@@ -63,11 +65,13 @@ def tensor_parallel_tensors(
             "export a complete checkpoint of the run",
             reason=f"expected model states of tensor-parallel ranks 0-{expected - 1}, found {ranks}",
         )
-    files = [model_states_file(tag_dir, rank, budget_bytes) for rank in ranks]
+    share = max(1, budget_bytes // len(ranks))  # each rank's files hold about 1/tp of every parameter
+    files = [model_states_file(tag_dir, rank, share) for rank in ranks]
     first = files[0].get()
+    sizes = {name: v.numel() * v.element_size() for name, v in first["module"].items()}
     layout = first.get(UNIVERSAL_CHECKPOINT_INFO, {}).get(AFFINE_MAP, {}).get(AFFINE_MAP_PARAMS, {})
     buffers = set(first.get(BUFFER_NAMES) or [])
-    masters = [zero_masters(tag_dir, rank, budget_bytes) for rank in ranks]
+    masters = [zero_masters(tag_dir, rank, share) for rank in ranks]
     if masters[0] is not None:
         names = [*(n for n in first["module"] if n in buffers), *masters[0].names()]
     else:  # a tied parameter's second name is not repeated (DeepSpeed records the layout under the first)
@@ -85,25 +89,97 @@ def tensor_parallel_tensors(
     def shard(rank: int, name: str) -> torch.Tensor:
         if masters[rank] is not None and name not in buffers:
             return masters[rank].read(name)
-        value = files[rank].get()["module"][name].float()
-        files[rank].spent(value.numel() * value.element_size())
-        return value
+        files[rank].reserve(sizes[name])  # every rank's shard of it is the size of rank 0's
+        return files[rank].get()["module"][name].float()
 
+    release = [_releaser(files[rank], masters[rank]) for rank in ranks]
     for name in names:
         entry = [e for p, e in patterns.items() if p.match(name)]
         if name in buffers and not entry:
             yield name, shard(0, name)
+        elif len(entry) == 1 and _replicated(affine := ParamAffineMap.from_dict(entry[0]), len(ranks)):
+            value = shard(0, name)  # a view of rank 0's file: no copy, the other ranks only compared
+            for rank in ranks[1:]:
+                if not _same(value, functools.partial(shard, rank, name), share, release[rank]):
+                    raise RuntimeError(f"{tag_dir}: tensor-parallel ranks 0 and {rank} hold different {name}")
+            yield name, value
+            del value
         elif len(entry) == 1:
             pieces = {rank: shard(rank, name) for rank in ranks}
-            yield name, ParamAffineMap.from_dict(entry[0]).rebuild(pieces, SCALE_POWER_BY_STATE["fp32"])
-            del pieces
+            runs = _contiguous_runs(affine, pieces)  # a split along the first dim: no join needed
+            yield name, runs or affine.rebuild(pieces, SCALE_POWER_BY_STATE["fp32"])
+            del pieces, runs
         else:
             raise RuntimeError(f"{tag_dir}: DeepSpeed recorded no tensor-parallel layout for {name}")
+    for done in release:
+        done()
 
 
 def tensor_parallel_state_dict(tag_dir: Path, ds_config: dict[str, Any]) -> dict[str, torch.Tensor]:
     """:func:`tensor_parallel_tensors` gathered into one dict (small models and tests)."""
-    return dict(tensor_parallel_tensors(tag_dir, ds_config))
+    return {
+        name: (value.tensor() if isinstance(value, FlatPieces) else value).clone()
+        for name, value in tensor_parallel_tensors(tag_dir, ds_config)
+    }
+
+
+def _releaser(file: Any, masters: Any):
+    """A function dropping every mapping of one rank's files."""
+
+    def release() -> None:
+        file.release()
+        if masters is not None:
+            masters.release()
+
+    return release
+
+
+def _same(value: torch.Tensor, other, chunk_bytes: int, release) -> bool:
+    """``value`` equals ``other()`` (a rank's mapped copy), compared a chunk at a time with that
+    rank's mapping dropped after each chunk, so its pages never pile up beside ``value``'s."""
+    flat = value.reshape(-1)
+    step = max(1, chunk_bytes // flat.element_size())
+    for lo in range(0, flat.numel(), step):
+        equal = torch.equal(other().reshape(-1)[lo : lo + step], flat[lo : lo + step])
+        release()
+        if not equal:
+            return False
+    return True
+
+
+def _replicated(affine: Any, num_ranks: int) -> bool:
+    """True when every rank holds the whole parameter unscaled (embeddings, norms under AutoTP)."""
+    whole = all(tuple(shape) == tuple(affine.logical_shape) for shape in affine.shard_shapes.values())
+    pieces = [p for ps in affine.pieces_by_rank.values() for p in ps]
+    return whole and all(len(p.locations) == num_ranks and p.scale == 1 for p in pieces)
+
+
+def _contiguous_runs(affine: Any, shards: dict[int, torch.Tensor]) -> FlatPieces | None:
+    """The parameter as consecutive slices of the shards, when every piece of the layout is one
+    contiguous run on both sides (a split along the first dimension, unscaled); None otherwise."""
+    pieces = sorted(
+        ((p, rank) for rank, ps in affine.pieces_by_rank.items() for p in ps),
+        key=lambda x: x[0].source_offset,
+    )
+    runs, offset = [], 0
+    for piece, rank in pieces:
+        dense = _dense(piece.shape, piece.source_strides) and _dense(piece.shape, piece.dest_strides)
+        if piece.scale != 1 or not dense or piece.source_offset != offset:
+            return None
+        runs.append(shards[rank].reshape(-1)[piece.dest_offset : piece.dest_offset + piece.numel])
+        offset += piece.numel
+    shape = torch.Size(affine.logical_shape)
+    return FlatPieces(shape, runs) if offset == shape.numel() else None
+
+
+def _dense(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """True when ``strides`` lay ``shape`` out row-major without gaps."""
+    expected = 1
+    for size, stride in reversed(list(zip(shape, strides, strict=True))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _is_alias(name: str, tensor: torch.Tensor, shard: dict[str, torch.Tensor]) -> bool:
