@@ -123,3 +123,47 @@ def test_exporting_an_incomplete_checkpoint_fails_clearly(trained, tmp_path, mon
     assert main(["export", str(copy), "-o", str(tmp_path / "hf")]) == 2
     assert "no complete checkpoint" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
+
+
+@pytest.mark.parametrize("stage", sorted(LAYOUTS), ids=lambda s: f"zero{s}-{LAYOUTS[s]}")
+def test_sharded_export_round_trip(trained, tmp_path, stage, capsys):
+    """A small ``--max-shard-size``: several safetensors files and an index that ``from_pretrained``
+    loads, with the engine's logits; each file within the limit unless one tensor alone is bigger."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from harness.cli import main
+
+    run_dir, engine_out = trained(stage)
+    saved = torch.load(engine_out, weights_only=True)
+    hf_dir = tmp_path / "hf"
+    limit = 100_000
+    assert main(["export", str(run_dir), "-o", str(hf_dir), "--max-shard-size", "100KB"]) == 0
+    capsys.readouterr()
+    assert not (hf_dir / "model.safetensors").exists()
+    index = json.loads((hf_dir / "model.safetensors.index.json").read_text())
+    files = sorted(hf_dir.glob("model-*-of-*.safetensors"))
+    assert len(files) >= 3 and {p.name for p in files} == set(index["weight_map"].values())
+    total = 0
+    for path in files:
+        with safe_open(str(path), framework="pt") as f:
+            assert f.metadata() == {"format": "pt"}
+            sizes = [f.get_slice(k).get_shape() for k in f.keys()]  # noqa: SIM118 - not a dict
+            names = list(f.keys())  # noqa: SIM118 - not a dict
+        assert all(index["weight_map"][k] == path.name for k in names)
+        size = sum(4 * torch.Size(s).numel() for s in sizes)  # fp32
+        assert size <= limit or len(names) == 1, (path.name, size)
+        total += size
+    assert index["metadata"]["total_size"] == total
+
+    net = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    net.eval()
+    # Every weight is in the index, a tied head once (under the embedding's name, as save_pretrained).
+    unique = {n for n, _ in net.named_parameters()} | {
+        n for n, _ in net.named_buffers() if n in net.state_dict()
+    }
+    assert set(index["weight_map"]) == unique
+    with torch.no_grad():
+        logits = net(input_ids=saved["input_ids"]).logits
+    diff = (logits - saved["logits"]).abs().max().item()
+    assert diff <= 1e-6, f"exported logits differ from the engine's by {diff:.3e}"
