@@ -202,6 +202,11 @@ class LaunchSection:
     """Ranks per machine (one per GPU; on a CPU machine, CPU ranks)."""
     gpu: str = "h100-80gb"
     """GPU type for the planner and MFU (see ``harness plan --list-gpus``)."""
+    host_memory_gb: float | None = None
+    """Host memory of one node in GB, which the planner checks each node's ranks against while they build
+    the model. Default: this machine's /proc/meminfo MemTotal when the ranks run here (``launcher:
+    local`` with CPU ranks, or with this machine's NVIDIA GPUs); otherwise the device table's host
+    memory per GPU × ``gpus_per_node`` (docs/planner.md, "Host memory")."""
     hostfile: str | None = None
     """DeepSpeed hostfile (``host slots=N`` lines) for the pdsh and openmpi launchers."""
     include: str | None = None

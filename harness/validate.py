@@ -63,6 +63,15 @@ def _ranges(spec: RunSpec, world_size: int) -> list[SpecError]:
     _positive(e, "parallel.pipeline_stages", spec.parallel.pipeline_stages)
     _positive(e, "parallel.tensor_parallel", spec.parallel.tensor_parallel)
     _positive(e, "parallel.activation_checkpoint_interval", spec.parallel.activation_checkpoint_interval, 0)
+    host_gb = spec.launch.host_memory_gb
+    if host_gb is not None and not host_gb > 0:
+        e.append(
+            SpecError(
+                "launch.host_memory_gb",
+                host_gb,
+                "give one node's memory in GB (a positive number, e.g. 512), or leave it out for the default",
+            )
+        )
     if not 1 <= spec.launch.master_port <= 65535:
         e.append(
             SpecError("launch.master_port", spec.launch.master_port, "use a TCP port between 1 and 65535")
