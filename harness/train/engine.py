@@ -7,6 +7,7 @@ and ``harness.train.engines.build_engine`` picks one of the two.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,22 +111,40 @@ def optimizer_args(spec: RunSpec, net: torch.nn.Module) -> tuple[torch.optim.Opt
     return optimizer, None
 
 
+def _empty_for_autotp(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None):
+    """(model, context for ``deepspeed.initialize``): the model empty, its slices filled once AutoTP has
+    cut them (``harness.train.tp_materialize``); whole, as a checkpoint format read whole requires."""
+    from harness.train.model import build_empty, load_full_model, run_dtype, with_gradient_checkpointing
+    from harness.train.tp_materialize import slices_at_init
+
+    net, source = build_empty(spec.model, vocab_size, spec.train.seed)
+    if source is None:
+        net = load_full_model(spec.model, net.config, run_dtype(ds_config))
+        return with_gradient_checkpointing(net, spec.model), contextlib.nullcontext()
+    layout, source = build_empty(spec.model, vocab_size, spec.train.seed)  # untouched names and shapes
+    filling = slices_at_init(source, run_dtype(ds_config), layout)
+    return with_gradient_checkpointing(net, spec.model), filling
+
+
 def build_plain_engine(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None) -> RunEngine:
     """Build the model (partitioned at init under ZeRO 3, sliced by AutoTP) in a DeepSpeed engine."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
-    net = build_model(spec.model, ds_config, vocab_size)
-    flops = model_flops_per_token(spec, vocab_size)
-    optimizer, params = optimizer_args(spec, net)
-    mpu = None
+    mpu, filling = None, contextlib.nullcontext()
     if spec.parallel.tensor_parallel > 1:
         from harness.train.tensor_parallel import tensor_parallel_mpu
 
         mpu = tensor_parallel_mpu(spec.parallel.tensor_parallel)
-    engine, _, _, _ = deepspeed.initialize(
-        model=net, optimizer=optimizer, model_parameters=params, config=ds_config, mpu=mpu
-    )
+        net, filling = _empty_for_autotp(spec, ds_config, vocab_size)
+    else:
+        net = build_model(spec.model, ds_config, vocab_size, seed=spec.train.seed)
+    flops = model_flops_per_token(spec, vocab_size)
+    optimizer, params = optimizer_args(spec, net)
+    with filling:
+        engine, _, _, _ = deepspeed.initialize(
+            model=net, optimizer=optimizer, model_parameters=params, config=ds_config, mpu=mpu
+        )
     device = torch.device(get_accelerator().current_device_name())
     return RunEngine(
         engine=engine,

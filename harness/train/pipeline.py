@@ -18,8 +18,10 @@ position ids, rotary (cos, sin) and causal mask. Tied input/output embeddings ar
 hold, which is how ``harness.train.mp_shards.pipeline_state_dict`` maps them back for ``harness export``.
 The engine around the stages is built in ``harness.train.pipeline_engine``.
 
-The whole model is built on every rank before the stage keeps its part (the price of identical
-initial weights); host memory must hold one fp32 copy of the full model per rank while it starts.
+The model is built on the meta device; a stage fills only its own layers as DeepSpeed builds them
+(:class:`ModelModules`), with the same values a single process would give them (fresh weights are a
+function of the parameter's name and the seed). :func:`check_split` runs on a small model of the same
+family (:func:`small_config`), so no rank ever materializes the whole model.
 """
 
 from __future__ import annotations
@@ -138,15 +140,27 @@ def plan_split(model: nn.Module) -> SplitPlan:
 
 
 class ModelModules:
-    """The full model's modules by qualified name, released once this stage has taken its layers."""
+    """The full model's modules by qualified name, released once this stage has taken its layers.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``fill(names)`` gives the parameters under those module names their values (the model is built on
+    the meta device; see ``harness.train.materialize``): a stage's layers call it when DeepSpeed builds
+    them, so a rank fills only the layers of its own stage."""
+
+    def __init__(self, model: nn.Module, fill=None) -> None:
         self._by_name: dict[str, nn.Module] | None = dict(model.named_modules())
         self.config = model.config
+        self._fill = fill
 
     def get(self, name: str) -> nn.Module:
         assert self._by_name is not None, "stage layers are built before the full model is released"
         return self._by_name[name]
+
+    def take(self, names) -> None:
+        """Fill the parameters of the modules ``names`` (and their children), if they are still empty."""
+        if self._fill is None:
+            return
+        prefixes = tuple(f"{n}." for n in names)
+        self._fill(keep=lambda qualified: qualified.startswith(prefixes))
 
     def release(self) -> None:
         self._by_name = None
@@ -157,6 +171,7 @@ class StageLayer(nn.Module):
 
     def __init__(self, modules: ModelModules, hf_names: dict[str, str], tied_key: str | None = None) -> None:
         super().__init__()
+        modules.take(hf_names.values())
         for local, qualified in hf_names.items():
             self.add_module(local, modules.get(qualified))
         self.hf_names = dict(hf_names)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +15,13 @@ from torch import nn
 from harness.errors import SpecError
 from harness.spec import RunSpec
 from harness.train.engine import RunEngine, model_flops_per_token, optimizer_args, peak_flops_per_rank
-from harness.train.model import build_model
+from harness.train.model import (
+    build_empty,
+    fill_weights,
+    load_full_model,
+    run_dtype,
+    with_gradient_checkpointing,
+)
 from harness.train.pipeline import (
     CausalLMLoss,
     DecoderLayer,
@@ -86,6 +94,37 @@ class PipelineRunEngine(RunEngine):
         return [float(self.engine.eval_batch(iter([(b, b)]), num_micro_batches=1)) for b in batches]
 
 
+def small_config(cfg):
+    """A copy of ``cfg`` two decoder layers deep and 64 wide (4 heads of 16; grouped-query attention
+    kept grouped): the same family and forward, for :func:`check_split` at a few MB."""
+    small = copy.deepcopy(cfg)
+    heads, kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None)
+    small.num_hidden_layers = min(cfg.num_hidden_layers, 2)
+    if getattr(cfg, "layer_types", None):
+        small.layer_types = list(cfg.layer_types[: small.num_hidden_layers])
+    small.num_attention_heads = 4
+    if kv is not None:
+        small.num_key_value_heads = 4 if kv == heads else (1 if kv == 1 else 2)
+    small.hidden_size = 64
+    if getattr(cfg, "head_dim", None) is not None:
+        small.head_dim = 16
+    for key in ("intermediate_size", "n_inner"):
+        if getattr(cfg, key, None) is not None:
+            setattr(small, key, 128)
+    return small
+
+
+def _check_split_on_small_model(cfg, spec: RunSpec) -> None:
+    """``check_split`` on a small model of the spec's family: the pieces must compose to its forward.
+    The decoder layers' code is the same at any size, and no rank has to build the real model whole."""
+    from harness.train.materialize import FreshInit, empty_model, materialize
+
+    small = empty_model(small_config(cfg), spec.model.attn_implementation)
+    materialize(small, FreshInit(small, spec.train.seed), torch.float32)
+    plan = plan_split(small)
+    check_split(small, plan, layer_specs(plan, ModelModules(small)), spec.data.seq_len)
+
+
 def build_pipeline_engine(
     spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None = None
 ) -> RunEngine:
@@ -94,16 +133,22 @@ def build_pipeline_engine(
     from deepspeed.accelerator import get_accelerator
     from deepspeed.pipe import PipelineModule
 
-    net = build_model(spec.model, ds_config, vocab_size)  # same constructor and seed as one process
+    net, source = build_empty(spec.model, vocab_size, spec.train.seed)
+    dtype = run_dtype(ds_config)
+    if source is None:  # a checkpoint format read whole (not safetensors)
+        net, fill = load_full_model(spec.model, net.config, dtype), None
+    else:
+        fill = functools.partial(fill_weights, net, source, dtype, spec.model)
+    with_gradient_checkpointing(net, spec.model)
     flops = model_flops_per_token(spec, vocab_size)
     plan = plan_split(net)
-    modules = ModelModules(net)
+    modules = ModelModules(net, fill)
     specs = layer_specs(plan, modules)
     _check_partition(spec, specs)
-    check_split(net, plan, specs, spec.data.seq_len)
+    _check_split_on_small_model(net.config, spec)
     loss = CausalLMLoss(net.loss_function, net.config.vocab_size)
     decoder_classes = sorted({s.typename.__name__ for s in specs if issubclass(s.typename, DecoderLayer)})
-    pipe = PipelineModule(
+    pipe = PipelineModule(  # builds, and so fills, only this stage's layers
         layers=specs,
         num_stages=spec.parallel.pipeline_stages,
         loss_fn=loss,
@@ -114,7 +159,7 @@ def build_pipeline_engine(
     )
     _check_partition(spec, specs, pipe.parts)
     modules.release()
-    del net  # this stage's layers keep their modules; the rest of the model is freed
+    del net  # this stage's layers keep their modules; the rest of the model was never filled
     _count_stages_in_grad_norm(pipe)
     optimizer, params = optimizer_args(spec, pipe)
     engine, _, _, _ = deepspeed.initialize(
