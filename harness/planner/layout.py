@@ -37,6 +37,10 @@ class Context:
     """How pipeline stages split the layers (``parameters`` or ``uniform``; ``type:`` is read as uniform)."""
     optimizer_impl: str = "deepspeed"
     """``deepspeed`` or ``torch`` (a torch optimizer cannot run offloaded: no offload layouts then)."""
+    host_memory_bytes: float | None = None
+    """Host memory of one node; None: the device table's host memory per GPU × ``gpus_per_node``."""
+    host_memory_source: str = ""
+    """Where ``host_memory_bytes`` comes from, for the plan's header and errors."""
     cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     """Per-context memo (pipeline splits), so a search computes each split once."""
 
@@ -50,6 +54,13 @@ class Context:
         """The numbers the layout rules read (:class:`harness.parallel_dims.ParallelDims`)."""
         st = self.stats
         return ModelDims(model_type=st.model_type, layers=st.layers, heads=st.heads, kv_heads=st.kv_heads)
+
+    @property
+    def node_host_bytes(self) -> float:
+        """Host memory of one node (``host_memory_bytes``, or the device table's per GPU × GPUs per node)."""
+        if self.host_memory_bytes is not None:
+            return self.host_memory_bytes
+        return float(self.device.host_mem_bytes * self.gpus_per_node)
 
     @property
     def lp_bytes(self) -> int:

@@ -33,7 +33,8 @@ from harness.ds_defaults import (
     STAGE3_PARAM_PERSISTENCE_ELEMS,
     STAGE3_PREFETCH_ELEMS,
 )
-from harness.planner.devices import GIB
+from harness.planner.devices import GB, GIB
+from harness.planner.host import NODE_HOST_HEADROOM, host_peak
 from harness.planner.layout import Context, Layout
 from harness.planner.shards import Shard, shards_of
 
@@ -122,11 +123,24 @@ class MemoryEstimate:
     """Device bytes a plan may use (device memory × DEVICE_HEADROOM)."""
     host_capacity: float
     """Host bytes per rank a plan may use."""
+    host_construction: float = 0.0
+    """Host bytes one rank holds while it builds the model (kept parameters + one unit's working set;
+    the worst pipeline stage)."""
+    host_rank_peak: float = 0.0
+    """Peak host bytes of one rank: construction plus what coexists with it (harness.planner.host)."""
+    host_node: float = 0.0
+    """Peak host bytes of one node: ranks per node × ``host_rank_peak``."""
+    host_node_capacity: float = float("inf")
+    """Host bytes a node's ranks may use (its memory × NODE_HOST_HEADROOM)."""
 
     @property
     def fits(self) -> bool:
-        """Within both the device and the host budget."""
-        return self.total <= self.capacity and self.host <= self.host_capacity
+        """Within the device budget, the host budget per GPU and the node's host memory."""
+        return (
+            self.total <= self.capacity
+            and self.host <= self.host_capacity
+            and self.host_node <= self.host_node_capacity
+        )
 
     def why_not(self) -> str:
         """One line saying which budget is exceeded ('' if it fits)."""
@@ -134,6 +148,12 @@ class MemoryEstimate:
             return f"needs {self.total / GIB:.1f} GiB per GPU > {self.capacity / GIB:.1f} GiB usable"
         if self.host > self.host_capacity:
             return f"needs {self.host / GIB:.1f} GiB host memory per GPU > {self.host_capacity / GIB:.1f} GiB"
+        if self.host_node > self.host_node_capacity:
+            return (
+                f"needs {self.host_node / GB:.1f} GB of host memory per node (up to "
+                f"{self.host_rank_peak / GB:.1f} GB per rank while building the model) > "
+                f"{self.host_node_capacity / GB:.1f} GB usable"
+            )
         return ""
 
 
@@ -307,6 +327,7 @@ def activation_memory(ctx: Context, layout: Layout, shard: Shard, stage_index: i
 def estimate_memory(ctx: Context, layout: Layout) -> MemoryEstimate:
     """Peak device memory per rank (worst pipeline stage) and host memory, with the breakdown."""
     best: MemoryEstimate | None = None
+    worst_host = None
     shards = shards_of(ctx, layout)
     framework = FRAMEWORK_BYTES if ctx.device.peak_flops is not None else 0.0
     # NVMe offload keeps its states on disk: no host-memory budget applies.
@@ -357,7 +378,16 @@ def estimate_memory(ctx: Context, layout: Layout) -> MemoryEstimate:
             capacity=DEVICE_HEADROOM * ctx.device.mem_bytes,
             host_capacity=host_capacity,
         )
+        host = host_peak(ctx, layout, shard, index, est.host, est.total)
+        if worst_host is None or host.per_rank > worst_host.per_rank:
+            worst_host = host
         if best is None or est.total > best.total:
             best = est
-    assert best is not None
-    return best
+    assert best is not None and worst_host is not None
+    return replace(
+        best,
+        host_construction=worst_host.construction,
+        host_rank_peak=worst_host.per_rank,
+        host_node=worst_host.per_node,
+        host_node_capacity=NODE_HOST_HEADROOM * ctx.node_host_bytes,
+    )

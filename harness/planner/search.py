@@ -16,6 +16,7 @@ from harness.batch import solve_batch
 from harness.errors import SpecError
 from harness.parallel_dims import ParallelDims, auto_fields, data_parallel_size
 from harness.planner.devices import get_device
+from harness.planner.host import node_host_memory
 from harness.planner.layout import Context, Layout
 from harness.planner.memory import MemoryEstimate, estimate_memory
 from harness.planner.modelstats import model_stats
@@ -101,6 +102,9 @@ def context_from_spec(spec: RunSpec, world_size: int) -> Context:
         if nodes * gpus_per_node != world_size:
             nodes, gpus_per_node = 1, world_size
     dropout = cfg.get("model_type") == "gpt2" and float(cfg.get("resid_pdrop", 0.1)) > 0
+    host_bytes, host_source = node_host_memory(
+        spec.launch.host_memory_gb, spec.launch.launcher, device, gpus_per_node
+    )
     method = spec.parallel.partition_method
     return Context(
         stats=model_stats(cfg),
@@ -113,6 +117,8 @@ def context_from_spec(spec: RunSpec, world_size: int) -> Context:
         dropout=dropout,
         partition_method="parameters" if method == "parameters" else "uniform",
         optimizer_impl=spec.optimizer.impl,
+        host_memory_bytes=host_bytes,
+        host_memory_source=host_source,
     )
 
 
