@@ -15,6 +15,7 @@ from harness.batch import BatchPlan, solve_batch
 from harness.dscheck import validate_config
 from harness.dsconfig import build_config, check_batch_triple, check_raw_keys, deep_merge
 from harness.parallel_dims import auto_fields, data_parallel_size
+from harness.planner.hostcheck import check_host_memory
 from harness.planner.resolve import resolve_auto
 from harness.rundir import RunDir, write_atomic
 from harness.spec import RunSpec
@@ -27,6 +28,7 @@ def resolve_layout(spec: RunSpec, world_size: int) -> tuple[RunSpec, BatchPlan]:
     if auto_fields(spec):
         spec = resolve_auto(spec, world_size)
     check_spec(spec, world_size)
+    check_host_memory(spec, world_size)  # the ranks' host peak while they build the model, per node
     return spec, solve_batch(spec.batch, data_parallel_size(spec, world_size), spec.data.seq_len)
 
 

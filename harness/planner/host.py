@@ -105,11 +105,9 @@ def host_peak(
     if layout.zero_stage == 3 and layout.offload_params == "cpu":
         states = max(0.0, states - kept)
     construction = kept + working
+    # CPU ranks: the device peak is host memory too, and it contains the kept parameters.
     on_host_device = ctx.device.peak_flops is None
-    if on_host_device and device_peak > construction:
-        steady = device_peak - construction + states
-    else:
-        steady = states
+    steady = states + (max(0.0, device_peak - construction) if on_host_device else 0.0)
     per_rank = construction + steady
     return HostPeak(
         kept=kept, working=working, steady=steady, per_rank=per_rank, per_node=ctx.gpus_per_node * per_rank
