@@ -105,10 +105,13 @@ def pipeline_tensors(
                 seen.add(name)
                 yield name, value.float()
         del layer
-    for _, masters in stages:
+    # A tied module is in both its stages' partitions: the last stage's copy is the one written.
+    source = {hf_name(k): (s, k) for s, m in stages if m is not None for k in m.names()}
+    for stage, masters in stages:
         if masters is not None:
             for key in masters.names():
-                yield hf_name(key), masters.pieces(key)
+                if source[name := hf_name(key)] == (stage, key):
+                    yield name, masters.pieces(key)
             masters.release()
 
 
