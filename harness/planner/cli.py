@@ -19,7 +19,8 @@ from typing import Any
 
 from harness.cliargs import load_from_args, world_from_args
 from harness.parallel_dims import data_parallel_size, target_global_batch
-from harness.planner.devices import GIB, describe
+from harness.planner.devices import GB, GIB, describe
+from harness.planner.host import NODE_HOST_HEADROOM
 from harness.planner.layout import Layout
 from harness.planner.search import (
     Candidate,
@@ -100,11 +101,7 @@ def explain(result: PlanResult, top: int) -> list[str]:
     best = result.best
     if best is None:
         if result.rejected:
-            smallest = min(result.rejected, key=lambda c: c.memory.total)
-            lines.append(
-                f"Nothing fits: the smallest of {result.evaluated} candidates ({smallest.layout.short()}) "
-                f"{smallest.memory.why_not()}. Try more nodes, a shorter data.seq_len or a larger GPU."
-            )
+            lines.append(_nothing_fits(result))
         return lines + result.notes
     mem, spd = best.memory, best.speed
     lines.append(
@@ -148,6 +145,26 @@ def explain(result: PlanResult, top: int) -> list[str]:
     if result.own is not None:
         lines.append(_own_line(result))
     return lines + result.notes
+
+
+def _nothing_fits(result: PlanResult) -> str:
+    """Why no candidate fits: the device, or (when some fit the device) the node's host memory."""
+    on_device = [c for c in result.rejected if c.memory.total <= c.memory.capacity]
+    if not on_device:
+        smallest = min(result.rejected, key=lambda c: c.memory.total)
+        return (
+            f"Nothing fits: the smallest of {result.evaluated} candidates ({smallest.layout.short()}) "
+            f"{smallest.memory.why_not()}. Try more nodes, a shorter data.seq_len or a larger GPU."
+        )
+    ctx = result.context
+    smallest = min(on_device, key=lambda c: (c.memory.host_node, c.memory.host))
+    return (
+        f"Nothing fits the host: {len(on_device)} of {result.evaluated} candidates fit the GPUs, but the one "
+        f"with the least host memory ({smallest.layout.short()}) {smallest.memory.why_not()} "
+        f"({ctx.gpus_per_node} ranks per node; the node has {ctx.node_host_bytes / GB:.1f} GB: "
+        f"{ctx.host_memory_source}). Use bf16, ZeRO 3 or pipeline stages, fewer ranks per node, or set "
+        "launch.host_memory_gb to the node's real memory."
+    )
 
 
 def _techniques(lay: Layout) -> set[str]:
@@ -218,11 +235,18 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
         soft_wrap=True,
     )
     console.print(
+        f"host memory {ctx.node_host_bytes / GB:.1f} GB per node ({ctx.host_memory_source}); "
+        f"a node's ranks may use {NODE_HOST_HEADROOM:.0%} of it",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(
         f"evaluated {result.evaluated} layouts in {result.elapsed_s * 1000:.0f} ms "
         f"({result.evaluated / max(result.elapsed_s, 1e-9):,.0f}/s); {len(result.plans)} fit"
     )
     table = Table(show_lines=False, header_style="bold")
     columns = ("#", "ZeRO", "PP", "TP", "micro×acc", "ckpt", "GiB/GPU", "states", "acts", "bufs", "host")
+    columns += ("node GB",)
     for col in columns:
         table.add_column(col, justify="left" if col in ("ZeRO", "ckpt") else "right")
     for col in ("step s", "tokens/s", "MFU"):
@@ -237,6 +261,7 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
             _gib(m.activations + m.logits),
             _gib(m.buffers + m.overhead),
             _gib(m.host),
+            f"{m.host_node / GB:.1f}",
             f"{c.speed.step_s:.2f}",
             f"{c.speed.tokens_per_s:,.0f}",
             _mfu(c),
@@ -248,7 +273,7 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
     console.print(
         "Columns: GiB/GPU = predicted peak per GPU; states = 16-bit params + grads + fp32 optimizer on the "
         "GPU; acts = activations + logits; bufs = DeepSpeed buckets, gathered ZeRO-3 params, CUDA context "
-        "and fragmentation; host = offloaded GiB per GPU. Predictions, not measurements (docs/planner.md).",
+        "and fragmentation; host = offloaded GiB per GPU; node GB = the host memory (GB) a node's ranks need at their peak (building the model in host memory + offloaded states). Predictions, not measurements (docs/planner.md).",
         style="dim",
         highlight=False,
         soft_wrap=True,
@@ -280,7 +305,14 @@ def plan_json(spec: RunSpec, result: PlanResult, top: int) -> dict[str, Any]:
         "seq_len": ctx.seq_len,
         "dtype": ctx.dtype,
         "global_batch": result.space.global_batch,
-        "cluster": {"nodes": ctx.nodes, "gpus_per_node": ctx.gpus_per_node, "device": describe(ctx.device)},
+        "cluster": {
+            "nodes": ctx.nodes,
+            "gpus_per_node": ctx.gpus_per_node,
+            "device": describe(ctx.device),
+            "host_memory_bytes": ctx.node_host_bytes,
+            "host_memory_source": ctx.host_memory_source,
+            "host_memory_usable_bytes": NODE_HOST_HEADROOM * ctx.node_host_bytes,
+        },
         "evaluated": result.evaluated,
         "fitting": len(result.plans),
         "elapsed_s": result.elapsed_s,

@@ -150,8 +150,8 @@ class MemoryEstimate:
             return f"needs {self.host / GIB:.1f} GiB host memory per GPU > {self.host_capacity / GIB:.1f} GiB"
         if self.host_node > self.host_node_capacity:
             return (
-                f"needs {self.host_node / GB:.1f} GB of host memory per node (up to "
-                f"{self.host_rank_peak / GB:.1f} GB per rank while building the model) > "
+                f"needs {self.host_node / GB:.1f} GB of host memory per node ({self.host_rank_peak / GB:.1f} GB "
+                f"per rank, {self.host_construction / GB:.1f} GB of it to build the model) > "
                 f"{self.host_node_capacity / GB:.1f} GB usable"
             )
         return ""
