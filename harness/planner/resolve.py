@@ -83,6 +83,17 @@ def _nothing_fits(names: list[str], result: PlanResult) -> SpecError:
             f"({nearest_multiples(glob, step) if glob else 'or set it'}), or set the batch sizes explicitly",
             reason="no micro batch × accumulation split matches the global batch",
         )
+    on_device = [c for c in result.rejected if c.memory.total <= c.memory.capacity]
+    if on_device:  # the GPUs would hold a candidate: the node's host memory is what refuses them
+        least = min(on_device, key=lambda c: c.memory.host_node)
+        return SpecError(
+            names[0],
+            AUTO,
+            f"the candidate with the least host memory ({least.layout.short()}) {least.memory.why_not()} "
+            f"(host memory per node: {ctx.host_memory_source}). Use bf16, ZeRO 3 or pipeline stages, fewer "
+            "ranks per node, or set launch.host_memory_gb to the node's real memory",
+            reason=f"no layout for the {', '.join(names)} field(s) fits the node's host memory",
+        )
     smallest = min(result.rejected, key=lambda c: c.memory.total)
     usable = smallest.memory.capacity / GIB
     return SpecError(
