@@ -5,6 +5,7 @@ layout through the real deepspeed launcher on CPU (fp32, torch AdamW, dropout of
   by parameters), tiny Qwen2 loaded from an HF checkpoint (tied, type:DecoderLayer, activation
   checkpointing every layer, ZeRO 1);
 - 2 stages x 2 data-parallel vs 2 data-parallel;
+- 2 stages with the optimizer offloaded to the CPU (ZeRO 1) vs one process with it offloaded, and its resume;
 - the Qwen2 run also checks the HF checkpoint's logits in the stages and the export's logits after training;
 - resume from a pipeline checkpoint (10 straight vs resume at 5) is bit-identical;
 - refusals before any process starts.
@@ -182,6 +183,26 @@ def test_two_stages_times_two_data_parallel_match_data_parallel(base):
     h.assert_same_losses(h.step_losses(both), h.step_losses(dp), range(1, 6))
     world = json.loads((both / "ds_config.json").read_text())
     assert world["train_batch_size"] == 2 * 2 * 2  # micro × accumulation × data-parallel 2
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(400)
+def test_two_stages_with_the_optimizer_offloaded_match_one_process(base):
+    """parallel.offload_optimizer: cpu under a pipeline (ZeRO 1, DeepSpeed's CPU Adam on each stage's
+    partition) trains as one process with the same offloaded optimizer does, and resumes exactly."""
+    offload = {"zero_stage": 1, "offload_optimizer": "cpu"}
+    extra = {"parallel": offload, "optimizer": {"impl": "deepspeed"}, "train": {"save_every": 3}}
+    ref = h.trained(*h.write_parallel_spec(base, "llama-off-1", steps=6, extra=extra))
+    staged = {**extra, "parallel": {**offload, "pipeline_stages": 2}}
+    pipe = h.trained(*h.write_parallel_spec(base, "llama-off-pp2", ranks=2, steps=6, extra=staged))
+    h.assert_same_losses(h.step_losses(pipe), h.step_losses(ref), range(1, 7))
+    step3 = pipe / "checkpoints" / "step-00000003"
+    resumed_extra = {**staged, "checkpoint": {"resume": str(step3)}}
+    resumed = h.trained(
+        *h.write_parallel_spec(base, "llama-off-pp2-r", ranks=2, steps=6, extra=resumed_extra)
+    )
+    got, want = h.step_losses(resumed), h.step_losses(pipe)
+    assert [got[s] for s in range(4, 7)] == [want[s] for s in range(4, 7)]
 
 
 def _corpus(path: Path) -> Path:
