@@ -114,10 +114,10 @@ def host_peak(
     )
 
 
-def meminfo_bytes(path: Path = MEMINFO) -> float | None:
+def meminfo_bytes(path: Path | None = None) -> float | None:
     """MemTotal of this machine in bytes (``/proc/meminfo`` counts kB of 1024 bytes), None if unreadable."""
     try:
-        for line in path.read_text(encoding="ascii", errors="replace").splitlines():
+        for line in (path or MEMINFO).read_text(encoding="ascii", errors="replace").splitlines():
             name, _, rest = line.partition(":")
             if name == "MemTotal":
                 return float(rest.split()[0]) * 1024
@@ -126,10 +126,10 @@ def meminfo_bytes(path: Path = MEMINFO) -> float | None:
     return None
 
 
-def has_nvidia_gpus(path: Path = NVIDIA_GPUS) -> bool:
+def has_nvidia_gpus(path: Path | None = None) -> bool:
     """Whether this machine's NVIDIA driver lists at least one GPU (no torch, no nvidia-smi)."""
     try:
-        return any(path.iterdir())
+        return any((path or NVIDIA_GPUS).iterdir())
     except OSError:
         return False
 
