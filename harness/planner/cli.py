@@ -225,7 +225,7 @@ def print_plan(spec: RunSpec, result: PlanResult, top: int) -> None:
 
     ctx = result.context
     st = ctx.stats
-    console = Console(width=max(120, Console().width))
+    console = Console(width=max(132, Console().width))
     glob = result.space.global_batch
     batch = f"global batch {glob} samples ({glob * ctx.seq_len:,} tokens)" if glob else "global batch free"
     console.print(
