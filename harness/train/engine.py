@@ -114,14 +114,15 @@ def optimizer_args(spec: RunSpec, net: torch.nn.Module) -> tuple[torch.optim.Opt
 def _empty_for_autotp(spec: RunSpec, ds_config: dict[str, Any], vocab_size: int | None):
     """(model, context for ``deepspeed.initialize``): the model empty, its slices filled once AutoTP has
     cut them (``harness.train.tp_materialize``); whole, as a checkpoint format read whole requires."""
+    from harness.train.materialize import empty_model
     from harness.train.model import build_empty, load_full_model, run_dtype, with_gradient_checkpointing
     from harness.train.tp_materialize import slices_at_init
 
-    net, source = build_empty(spec.model, vocab_size, spec.train.seed)
+    layout, source = build_empty(spec.model, vocab_size, spec.train.seed)  # stays untouched: names, shapes
     if source is None:
-        net = load_full_model(spec.model, net.config, run_dtype(ds_config))
+        net = load_full_model(spec.model, layout.config, run_dtype(ds_config))
         return with_gradient_checkpointing(net, spec.model), contextlib.nullcontext()
-    layout, source = build_empty(spec.model, vocab_size, spec.train.seed)  # untouched names and shapes
+    net = empty_model(layout.config, spec.model.attn_implementation)  # the one AutoTP slices
     filling = slices_at_init(source, run_dtype(ds_config), layout)
     return with_gradient_checkpointing(net, spec.model), filling
 

@@ -119,9 +119,8 @@ class FreshInit:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             modules = list(real.named_modules(prefix=name))
             for qualified, module in reversed(modules):  # children first, as transformers does
-                direct = [p for p in module.parameters(recurse=False)]
-                if not direct and not any(True for _ in module.parameters()):
-                    continue
+                if not any(True for _ in module.parameters()):
+                    continue  # dropout, activations: nothing to initialize
                 torch.manual_seed(seed_for(self.seed, qualified))
                 self.init_fn(module)
         values = {names[id(p)]: p.detach() for p in real.parameters() if names.get(id(p)) in wanted}
